@@ -1,0 +1,1 @@
+"""Benchmarks: each loads its data, builds training examples and questions, and scores answers."""

@@ -1,0 +1,131 @@
+"""PhoneBook (the paper's capacity benchmark): names and 10-digit numbers, scored by exact match.
+
+Reads the paper's files from the data directory (`paper/pb_cf/phonebook_qa_{N}K.csv`); without one it
+generates a phonebook in the same format, sized in tokens like the paper's (1K is about 48 entries).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from loramem.config import LoraSpec, TrainSpec
+from loramem.config import data_dir as resolve_data_dir
+from loramem.errors import LoramemError
+from loramem.metrics import phone_exact_match
+from loramem.train import Example
+
+LINE_RE = re.compile(r"^Question: What is the phone number of (?P<name>.+)\? Answer: (?P<phone>\d{3}-\d{3}-\d{4})$")
+# Tokens per entry in the paper's files with the SmolLM2 tokenizer: 1K = 48 entries (~21 tokens each).
+ENTRIES_PER_K = 48
+PAPER_SIZES = {f"{k}K" for k in range(1, 21)} | {"128K"}
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    phone: str
+
+    @property
+    def question(self) -> str:
+        return f"What is the phone number of {self.name}?"
+
+    @property
+    def line(self) -> str:
+        return f"Question: {self.question} Answer: {self.phone}"
+
+
+def prompt(question: str) -> str:
+    """The closed-book prompt format the paper trains and asks in."""
+    return f"Question: {question} Answer:"
+
+
+def examples(entries: list[Entry]) -> list[Example]:
+    return [Example(prompt(e.question), f" {e.phone}") for e in entries]
+
+
+def parse_size(size: str | int) -> int:
+    """'1K' -> 1000 tokens; a bare integer is a number of entries given in tokens*1000 as well."""
+    text = str(size).strip().upper()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)K?", text)
+    if not match or float(match.group(1)) <= 0:
+        raise LoramemError(f"phonebook size must look like 1K, 8K or 0.5K, got {size!r}")
+    return round(float(match.group(1)) * 1000) if text.endswith("K") else int(match.group(1))
+
+
+def load(size: str = "1K", data_dir: str | Path | None = None, seed: int = 0) -> list[Entry]:
+    """The paper's phonebook of this size when the data directory has it, else a generated one."""
+    root = resolve_data_dir(data_dir)
+    label = str(size).strip().upper()
+    if root is not None and label in PAPER_SIZES:
+        path = root / "paper" / "pb_cf" / f"phonebook_qa_{label}.csv"
+        if path.exists():
+            return read_csv(path)
+    entries = round(parse_size(size) / 1000 * ENTRIES_PER_K) if label.endswith("K") else parse_size(size)
+    return generate(max(1, entries), seed)
+
+
+def read_csv(path: Path) -> list[Entry]:
+    entries = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for lineno, row in enumerate(csv.DictReader(f), start=2):
+            match = LINE_RE.match((row.get("text") or "").strip())
+            if not match:
+                raise LoramemError(f"{path}:{lineno}: not a PhoneBook line")
+            entries.append(Entry(match["name"], match["phone"]))
+    return entries
+
+
+def generate(n: int, seed: int = 0) -> list[Entry]:
+    """n entries with unique faker names and random numbers, reproducible from the seed."""
+    from faker import Faker
+
+    fake = Faker("en_US")
+    fake.seed_instance(seed)
+    names: dict[str, None] = {}
+    while len(names) < n:
+        names[f"{fake.first_name()} {fake.last_name()}"] = None
+    rng = fake.random
+    return [Entry(name, f"{rng.randint(200, 999)}-{rng.randint(200, 999)}-{rng.randint(0, 9999):04d}") for name in names]
+
+
+BITS_PER_NUMBER = math.log2(10**10)  # a 10-digit number
+
+
+def evaluate(memory, entries: list[Entry], mode: str = "lora", module: str | None = None) -> tuple[float, float]:
+    """(exact match, seconds per question) of asking every entry's question."""
+    answers = memory.ask_many([e.question for e in entries], mode=mode, module=module)
+    hits = sum(phone_exact_match(a.text, e.phone) for a, e in zip(answers, entries))
+    return hits / len(entries), sum(a.seconds for a in answers) / len(answers)
+
+
+def run(memory, size: str = "1K", lora: LoraSpec | None = None, train_spec: TrainSpec | None = None,
+        data_dir: str | Path | None = None, progress: bool = True) -> dict:
+    """Write a phonebook into one module of `memory` and score it: the figures of `loramem bench phonebook`."""
+    entries = load(size, data_dir)
+    lora = lora or LoraSpec(rank=4)
+    record = memory.write(examples(entries), lora=lora, train_spec=train_spec, name=f"phonebook-{size}",
+                          progress=progress)
+    score, seconds = evaluate(memory, entries, module=record.id)
+    data_tokens = sum(len(memory.base.tokenizer(e.line).input_ids) for e in entries)
+    return {
+        "size": str(size),
+        "entries": len(entries),
+        "rank": lora.rank,
+        "targets": lora.targets,
+        "layers": lora.layers,
+        "exact_match": score,
+        "train_seconds": record.train_seconds,
+        "epochs": record.stats["epochs"],
+        "steps": record.stats["steps"],
+        "tokens_per_second": record.stats["tokens_per_second"],
+        "trainable_params": record.trainable_params,
+        "data_tokens": data_tokens,
+        "tokens_per_param": data_tokens / record.trainable_params,
+        "bits_per_param": score * len(entries) * BITS_PER_NUMBER / record.trainable_params,
+        "seconds_per_question": seconds,
+        "module": record.id,
+    }

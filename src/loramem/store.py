@@ -1,0 +1,208 @@
+"""A memory on disk: an SQLite manifest plus one standard PEFT adapter folder per module.
+
+    MEMORY/
+      loramem.sqlite         manifest: the base model, and one row per committed module
+      modules/<id>/          adapter_config.json, adapter_model.safetensors, examples.jsonl
+      tmp/                   modules being written (never read)
+
+The manifest is the truth: a module exists when its row exists. A commit writes the adapter into
+tmp/, renames it into modules/ and inserts the row in one transaction; a crash at any point leaves
+either no row (the folder is swept at the next open) or a complete module. A new memory is built
+under a temporary name and renamed into place, so a half-created memory is never visible either.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import tempfile
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from loramem.errors import LoramemError
+
+MANIFEST = "loramem.sqlite"
+FORMAT_VERSION = "1"
+SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE modules (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    base_model TEXT NOT NULL,
+    base_fingerprint TEXT NOT NULL,
+    lora_spec TEXT NOT NULL,
+    train_spec TEXT NOT NULL,
+    data_hash TEXT NOT NULL,
+    n_examples INTEGER NOT NULL,
+    train_tokens INTEGER NOT NULL,
+    trainable_params INTEGER NOT NULL,
+    recall REAL,
+    train_seconds REAL,
+    stats TEXT NOT NULL
+);
+"""
+
+
+@dataclass
+class ModuleRecord:
+    """One manifest row."""
+
+    id: str
+    name: str
+    created_at: str
+    base_model: str
+    base_fingerprint: dict
+    lora_spec: dict
+    train_spec: dict
+    data_hash: str
+    n_examples: int
+    train_tokens: int
+    trainable_params: int
+    recall: float | None
+    train_seconds: float | None
+    stats: dict
+
+
+class Store:
+    """The on-disk side of a memory: create, open, commit, list, locate."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @classmethod
+    def open(cls, path: str | Path) -> Store:
+        path = Path(path)
+        if not path.exists():
+            raise LoramemError(f"no memory at {path}")
+        if not (path / MANIFEST).is_file():
+            raise LoramemError(f"{path} is not a loramem memory (no {MANIFEST})")
+        store = cls(path)
+        version = store.meta().get("format_version")
+        if version != FORMAT_VERSION:
+            raise LoramemError(f"{path} has memory format {version!r}; this loramem reads {FORMAT_VERSION!r}")
+        return store
+
+    @classmethod
+    def create(cls, path: str | Path, base_model: str, base_fingerprint: dict) -> Store:
+        """Create an empty memory bound to one base model, atomically."""
+        path = Path(path)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise LoramemError(f"{path} exists and is not a loramem memory")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            with sqlite3.connect(tmp / MANIFEST) as db:
+                db.executescript(SCHEMA)
+                db.executemany("INSERT INTO meta VALUES (?, ?)", [
+                    ("format_version", FORMAT_VERSION),
+                    ("base_model", base_model),
+                    ("base_fingerprint", json.dumps(base_fingerprint, sort_keys=True)),
+                    ("created_at", now()),
+                ])
+            db.close()
+            (tmp / "modules").mkdir()
+            if path.exists():
+                path.rmdir()  # an empty folder the user made for it
+            os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls(path)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path / MANIFEST, timeout=30)
+        db.row_factory = sqlite3.Row
+        return db
+
+    def meta(self) -> dict[str, str]:
+        with self._connect() as db:
+            rows = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        db.close()
+        return rows
+
+    @property
+    def base_model(self) -> str:
+        return self.meta()["base_model"]
+
+    @property
+    def base_fingerprint(self) -> dict:
+        return json.loads(self.meta()["base_fingerprint"])
+
+    def modules(self) -> list[ModuleRecord]:
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM modules ORDER BY created_at, id").fetchall()
+        db.close()
+        return [_record(row) for row in rows]
+
+    def get(self, module_id: str) -> ModuleRecord:
+        matches = [m for m in self.modules() if m.id == module_id or m.id.startswith(module_id) or m.name == module_id]
+        if len(matches) != 1:
+            raise LoramemError(f"no module {module_id!r} in {self.path}" if not matches
+                               else f"{module_id!r} matches {len(matches)} modules; give more of the id")
+        return matches[0]
+
+    def has(self, module_id: str) -> bool:
+        with self._connect() as db:
+            found = db.execute("SELECT 1 FROM modules WHERE id = ?", (module_id,)).fetchone()
+        db.close()
+        return found is not None
+
+    def module_dir(self, module_id: str) -> Path:
+        return self.path / "modules" / module_id
+
+    def staging_dir(self) -> Path:
+        """A fresh folder under tmp/ to write a module into before commit."""
+        tmp = self.path / "tmp" / uuid.uuid4().hex
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def commit(self, staged: Path, record: ModuleRecord) -> None:
+        """Move a fully written module folder into place and add its manifest row, atomically."""
+        target = self.module_dir(record.id)
+        db = self._connect()
+        try:
+            with db:  # one transaction: the row becomes visible only if the rename succeeded
+                db.execute(
+                    "INSERT INTO modules VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (record.id, record.name, record.created_at, record.base_model,
+                     json.dumps(record.base_fingerprint, sort_keys=True), json.dumps(record.lora_spec),
+                     json.dumps(record.train_spec), record.data_hash, record.n_examples, record.train_tokens,
+                     record.trainable_params, record.recall, record.train_seconds, json.dumps(record.stats)),
+                )
+                if target.exists():  # left by a crash between rename and commit: no row, so not a module
+                    shutil.rmtree(target)
+                os.rename(staged, target)
+        except sqlite3.IntegrityError:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise LoramemError(f"module {record.id} is already in {self.path}") from None
+        finally:
+            db.close()
+
+    def sweep(self) -> None:
+        """Writers only: remove what crashed writes left: staging folders and module folders with no manifest row."""
+        shutil.rmtree(self.path / "tmp", ignore_errors=True)
+        modules = self.path / "modules"
+        if not modules.is_dir():
+            return
+        with self._connect() as db:
+            known = {row[0] for row in db.execute("SELECT id FROM modules")}
+        db.close()
+        for folder in modules.iterdir():
+            if folder.name not in known:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def _record(row: sqlite3.Row) -> ModuleRecord:
+    data = dict(row)
+    for key in ("base_fingerprint", "lora_spec", "train_spec", "stats"):
+        data[key] = json.loads(data[key])
+    return ModuleRecord(**data)
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,67 @@
+"""The command line, run as a user runs it: a subprocess, its output and exit code."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+FACTS = "Question: What is the phone number of Ann Lee? Answer: 603-556-7631\n"
+
+
+def loramem(*args, cwd=None):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "loramem.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def memory(tmp_path_factory, tiny):
+    root = tmp_path_factory.mktemp("cli")
+    (root / "facts.txt").write_text(FACTS)
+    out = loramem("write", root / "m", root / "facts.txt", "--model", "tiny", "--rank", "8", "--lr", "1e-2",
+                  "--epochs", "80", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["recall"] == 1.0
+    return root / "m"
+
+
+def test_write_inspect_ask(memory):
+    listing = json.loads(loramem("inspect", memory, "--json").stdout)
+    assert listing["base_model"] == "tiny" and listing["modules"][0]["rank"] == 8
+    out = loramem("ask", memory, "What is the phone number of Ann Lee?", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["text"].startswith("603-556-7631")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["ask", "{tmp}/nowhere", "q?"], "no memory at"),
+    (["inspect", "{tmp}"], "not a loramem memory"),
+    (["write", "{tmp}/new", "{tmp}/empty.txt", "--model", "tiny"], "no facts"),
+    (["write", "{tmp}/new", "{tmp}/latin1.txt", "--model", "tiny"], "not UTF-8"),
+    (["write", "{tmp}/new", "{tmp}/facts.txt", "--model", "tiny", "--rank", "0"], "rank must be a positive integer"),
+    (["write", "{tmp}/new", "{tmp}/facts.txt", "--model", "gpt-17"], "unknown model 'gpt-17'"),
+    (["write", "{tmp}/new", "{tmp}/facts.txt", "--model", "{tmp}"], "is not a model"),
+    (["write", "{tmp}/new", "{tmp}/missing.txt", "--model", "tiny"], "no such file"),
+])
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, message):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (tmp_path / "facts.txt").write_text(FACTS)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = loramem(*[a.format(tmp=tmp_path) for a in args])
+    assert out.returncode == 2
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_module_of_another_base_model_is_refused(memory, tmp_path):
+    out = loramem("ask", memory, "q?", "--model", "smollm2-135m")
+    assert out.returncode == 2 and "different model" in out.stderr
+
+
+def test_write_into_another_models_memory_is_refused(memory, tmp_path):
+    (tmp_path / "f.txt").write_text(FACTS)
+    out = loramem("write", memory, tmp_path / "f.txt", "--model", "smollm2-135m")
+    assert out.returncode == 2 and "different model" in out.stderr

@@ -1,0 +1,63 @@
+import pytest
+
+from loramem.config import LoraSpec, TrainSpec, data_dir
+from loramem.errors import LoramemError
+
+
+@pytest.mark.parametrize("rank", [0, -1, 10**6])
+def test_bad_rank_is_refused(rank):
+    with pytest.raises(LoramemError, match="rank"):
+        LoraSpec(rank=rank)
+
+
+def test_targets_to_module_names():
+    assert LoraSpec(targets="ffn").target_modules() == ["gate_proj", "up_proj", "down_proj"]
+    assert LoraSpec(targets="attention").target_modules() == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert len(LoraSpec(targets="all").target_modules()) == 7
+    assert LoraSpec(targets="q_proj, down_proj").target_modules() == ["q_proj", "down_proj"]
+
+
+@pytest.mark.parametrize("layers,expected", [
+    ("all", None), ("early", [0, 1, 2]), ("late", [6, 7, 8]), ("2-4", [2, 3, 4]), ("5,1", [1, 5]),
+])
+def test_layer_selection(layers, expected):
+    assert LoraSpec(layers=layers).layer_indices(9) == expected
+
+
+@pytest.mark.parametrize("layers", ["9", "x", "3-1", "-1"])
+def test_bad_layers(layers):
+    with pytest.raises(LoramemError, match="layers"):
+        LoraSpec(layers=layers).layer_indices(9)
+
+
+def test_spec_to_peft_config():
+    config = LoraSpec(rank=8, alpha=4, targets="ffn", layers="late", rslora=True, pissa=True).to_peft(30)
+    assert config.r == 8 and config.lora_alpha == 4 and config.use_rslora
+    assert set(config.target_modules) == {"gate_proj", "up_proj", "down_proj"}
+    assert config.layers_to_transform == list(range(20, 30))
+    assert config.init_lora_weights == "pissa"
+    assert LoraSpec(rank=4).to_peft(30).lora_alpha == 8
+
+
+def test_spec_builds_adapters_only_where_asked(tiny):
+    from loramem.train import attached
+
+    with attached(tiny.model, LoraSpec(rank=2, targets="ffn", layers="0-1")) as model:
+        adapted = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if "lora_A" in n}
+    assert adapted == {f"base_model.model.model.layers.{i}.mlp.{m}" for i in (0, 1) for m in ("gate_proj", "up_proj", "down_proj")}
+
+
+@pytest.mark.parametrize("kw", [dict(lr=0), dict(schedule="step"), dict(loss_on="x"), dict(target_recall=1.5),
+                                dict(precision="fp8"), dict(batch_size=0), dict(max_steps=0)])
+def test_bad_train_settings(kw):
+    with pytest.raises(LoramemError):
+        TrainSpec(**kw)
+
+
+def test_data_dir_setting(tmp_path, monkeypatch):
+    monkeypatch.delenv("LORAMEM_DATA", raising=False)
+    assert data_dir() is None
+    monkeypatch.setenv("LORAMEM_DATA", str(tmp_path))
+    assert data_dir() == tmp_path
+    with pytest.raises(LoramemError, match="does not exist"):
+        data_dir(tmp_path / "missing")

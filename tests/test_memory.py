@@ -1,0 +1,110 @@
+import json
+
+import pytest
+import torch
+
+from loramem import LoraSpec, Memory, TrainSpec, facts_from_file, facts_from_text
+from loramem.errors import LoramemError
+from loramem.train import Example
+
+FACTS = "Question: What is the phone number of Ann Lee? Answer: 603-556-7631\nQuestion: What is the phone number of Bo Kim? Answer: 705-882-9365\n"
+FAST = TrainSpec(lr=1e-2, epochs=80, batch_size=2)
+
+
+def test_facts_parsing():
+    examples = facts_from_text(FACTS + "\n  The sky is green.  \n")
+    assert examples[0] == Example("Question: What is the phone number of Ann Lee? Answer:", " 603-556-7631")
+    assert examples[2] == Example("", "The sky is green.")
+
+
+@pytest.mark.parametrize("content,message", [(b"", "no facts"), (b"\n \n", "no facts"), (b"caf\xe9\n", "not UTF-8"),
+                                             (b"\x00\x01bin", "binary")])
+def test_bad_facts_files(tmp_path, content, message):
+    path = tmp_path / "facts.txt"
+    path.write_bytes(content)
+    with pytest.raises(LoramemError, match=message):
+        facts_from_file(path)
+    with pytest.raises(LoramemError, match="no such file"):
+        facts_from_file(tmp_path / "missing.txt")
+
+
+@pytest.fixture(scope="module")
+def written(tiny, tmp_path_factory):
+    path = tmp_path_factory.mktemp("mem") / "facts.mem"
+    memory = Memory.open(path, create=True, base=tiny)
+    record = memory.write(facts_from_text(FACTS), lora=LoraSpec(rank=8), train_spec=FAST, progress=False)
+    return memory, record
+
+
+def test_write_then_ask(written):
+    memory, record = written
+    assert record.recall == 1.0
+    answer = memory.ask("What is the phone number of Bo Kim?")
+    assert answer.text.startswith("705-882-9365") and answer.modules == [record.id]
+    assert memory.ask("What is the phone number of Bo Kim?", mode="base").text != answer.text
+
+
+def test_module_is_a_standard_peft_adapter(written, tiny):
+    from peft import PeftModel
+
+    memory, record = written
+    folder = memory.store.module_dir(record.id)
+    assert json.loads((folder / "adapter_config.json").read_text())["r"] == 8
+    with torch.no_grad():
+        ids = tiny.tokenizer("Question: What is the phone number of Bo Kim? Answer:", return_tensors="pt").input_ids
+        peft_model = PeftModel.from_pretrained(tiny.model, folder)
+        via_peft = peft_model(input_ids=ids).logits
+        peft_model.unload()
+        from loramem.answer import module_applied
+
+        with module_applied(tiny.model, folder) as merged:
+            via_merge = merged(input_ids=ids).logits
+    torch.testing.assert_close(via_merge, via_peft, rtol=1e-4, atol=1e-4)
+
+
+def test_base_weights_unchanged_after_answers(written, tiny):
+    memory, _ = written
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    memory.ask("What is the phone number of Ann Lee?")
+    assert all(torch.equal(before[k], v) for k, v in tiny.model.state_dict().items())
+
+
+def test_same_write_again_is_skipped(written):
+    memory, record = written
+    again = memory.write(facts_from_text(FACTS), lora=LoraSpec(rank=8), train_spec=FAST, progress=False)
+    assert again.id == record.id and len(memory.modules()) == 1
+
+
+def test_reopened_memory_and_icl(written, tiny):
+    memory, record = written
+    reopened = Memory.open(memory.path, base=tiny)
+    assert [m.id for m in reopened.modules()] == [record.id]
+    assert reopened.model_name == "tiny"
+    answer = reopened.ask("What is the phone number of Ann Lee?", mode="icl")
+    assert answer.mode == "icl" and answer.modules == [record.id]
+
+
+def test_other_base_model_is_refused(written, tiny):
+    from loramem.models import Base
+
+    memory, _ = written
+    other = Base("other", tiny.model, tiny.tokenizer, dict(tiny.fingerprint, weights_sha256="0" * 64))
+    with pytest.raises(LoramemError, match="different model"):
+        Memory.open(memory.path, base=other).ask("q?")
+
+
+def test_bad_questions_and_modes(written):
+    memory, _ = written
+    with pytest.raises(LoramemError, match="empty question"):
+        memory.ask("  ")
+    with pytest.raises(LoramemError, match="unknown mode"):
+        memory.ask("q?", mode="telepathy")
+    with pytest.raises(LoramemError, match="no module"):
+        memory.ask("q?", module="nope")
+
+
+def test_failed_write_leaves_no_memory(tiny, tmp_path):
+    memory = Memory.open(tmp_path / "new.mem", create=True, base=tiny)
+    with pytest.raises(LoramemError):
+        memory.write([Example("Question: x? Answer:", "")], progress=False)
+    assert not (tmp_path / "new.mem").exists()

@@ -1,0 +1,102 @@
+import os
+import sqlite3
+
+import pytest
+
+from loramem.errors import LoramemError
+from loramem.store import MANIFEST, ModuleRecord, Store, now
+
+FP = {"architecture": "llama", "weights_sha256": "abc"}
+
+
+def record(module_id="m1"):
+    return ModuleRecord(id=module_id, name=module_id, created_at=now(), base_model="tiny", base_fingerprint=FP,
+                        lora_spec={"rank": 4}, train_spec={}, data_hash="h", n_examples=1, train_tokens=10,
+                        trainable_params=100, recall=1.0, train_seconds=0.1, stats={})
+
+
+def staged(store, content=b"weights"):
+    folder = store.staging_dir()
+    (folder / "adapter_model.safetensors").write_bytes(content)
+    return folder
+
+
+def test_create_commit_list(tmp_path):
+    store = Store.create(tmp_path / "mem", "tiny", FP)
+    assert Store.open(tmp_path / "mem").base_fingerprint == FP
+    store.commit(staged(store), record())
+    assert [m.id for m in store.modules()] == ["m1"]
+    assert (store.module_dir("m1") / "adapter_model.safetensors").read_bytes() == b"weights"
+    assert not list((tmp_path / "mem" / "tmp").iterdir())
+
+
+def test_create_leaves_nothing_behind_on_failure(tmp_path, monkeypatch):
+    def boom(*a):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "rename", boom)
+    with pytest.raises(OSError):
+        Store.create(tmp_path / "mem", "tiny", FP)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_commit_failure_leaves_no_row_and_no_module(tmp_path, monkeypatch):
+    store = Store.create(tmp_path / "mem", "tiny", FP)
+    folder = staged(store)
+
+    def boom(*a):
+        raise OSError("crash during rename")
+
+    monkeypatch.setattr(os, "rename", boom)
+    with pytest.raises(OSError):
+        store.commit(folder, record())
+    monkeypatch.undo()
+    assert store.modules() == []
+    assert not store.module_dir("m1").exists()
+
+
+def test_sweep_removes_folders_without_a_row(tmp_path):
+    store = Store.create(tmp_path / "mem", "tiny", FP)
+    store.commit(staged(store), record("kept"))
+    orphan = store.module_dir("orphan")
+    orphan.mkdir()  # as if killed between rename and the manifest commit
+    leftover = staged(store)
+    store.sweep()
+    assert not orphan.exists() and not leftover.exists()
+    assert [m.id for m in store.modules()] == ["kept"]
+
+
+def test_duplicate_commit_is_refused_and_cleans_staging(tmp_path):
+    store = Store.create(tmp_path / "mem", "tiny", FP)
+    store.commit(staged(store), record())
+    folder = staged(store)
+    with pytest.raises(LoramemError, match="already"):
+        store.commit(folder, record())
+    assert not folder.exists()
+
+
+def test_open_refuses_non_memories(tmp_path):
+    with pytest.raises(LoramemError, match="no memory"):
+        Store.open(tmp_path / "missing")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(LoramemError, match="not a loramem memory"):
+        Store.open(tmp_path / "plain")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(LoramemError, match="not a loramem memory"):
+        Store.create(tmp_path / "file", "tiny", FP)
+
+
+def test_format_version_is_checked(tmp_path):
+    Store.create(tmp_path / "mem", "tiny", FP)
+    with sqlite3.connect(tmp_path / "mem" / MANIFEST) as db:
+        db.execute("UPDATE meta SET value = '99' WHERE key = 'format_version'")
+    with pytest.raises(LoramemError, match="format"):
+        Store.open(tmp_path / "mem")
+
+
+def test_get_by_prefix_or_name(tmp_path):
+    store = Store.create(tmp_path / "mem", "tiny", FP)
+    store.commit(staged(store), record("abc123"))
+    assert store.get("abc").id == "abc123"
+    with pytest.raises(LoramemError, match="no module"):
+        store.get("zzz")

@@ -1,0 +1,98 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loramem.config import LoraSpec, TrainSpec
+from loramem.errors import LoramemError
+from loramem.train import Example, attached, encode, examples_recalled, pack, recall, shared_prefix, supervised_logits, train
+
+EXAMPLES = [
+    Example("Question: What is the phone number of Ann Lee? Answer:", " 603-556-7631"),
+    Example("Question: What is the phone number of Bo? Answer:", " 705-882-9365"),
+    Example("Question: What is the phone number of Carla Maria Diaz? Answer:", " 212-555-0101"),
+]
+
+
+def plain_losses(model, tokenizer, encoded, loss_on="answer"):
+    """Reference: each example alone, full-vocabulary logits at every position, per-example mean loss."""
+    out = []
+    for e in encoded:
+        ids = torch.tensor([e.ids])
+        logits = model(input_ids=ids).logits[0, :-1]
+        targets = ids[0, 1:].clone()
+        first = e.n_prompt if loss_on == "answer" else 1
+        targets[: first - 1] = -100
+        out.append(F.cross_entropy(logits, targets, reduction="sum"))
+    return torch.stack(out)
+
+
+def packed_losses(model, batch):
+    logits = supervised_logits(model, batch)
+    per_token = F.cross_entropy(logits, batch.labels, reduction="none")
+    return torch.zeros(batch.n_examples).index_add_(0, batch.label_example, per_token)
+
+
+@pytest.mark.parametrize("loss_on", ["answer", "all"])
+@pytest.mark.parametrize("row_tokens", [1, 1024])
+def test_packed_supervised_logits_match_plain_path(tiny, loss_on, row_tokens):
+    encoded = encode(tiny.tokenizer, EXAMPLES)
+    with attached(tiny.model, LoraSpec(rank=2)) as model:
+        for name, p in model.named_parameters():  # non-zero adapter so the LoRA path matters
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.5)
+        with torch.no_grad():
+            batch = pack(encoded, loss_on, row_tokens=row_tokens, pad_id=tiny.tokenizer.pad_token_id)
+            torch.testing.assert_close(packed_losses(model, batch), plain_losses(model, tiny.tokenizer, encoded, loss_on),
+                                       rtol=1e-4, atol=1e-4)
+
+
+def test_shared_prefix_is_computed_once(tiny):
+    encoded = encode(tiny.tokenizer, EXAMPLES)
+    n = shared_prefix(encoded)
+    assert n > 5  # "Question: What is the phone number of"
+    batch = pack(encoded, "answer", pad_id=tiny.tokenizer.pad_token_id)
+    assert batch.input_ids.shape == (1, n + sum(len(e.ids) - n for e in encoded))
+    assert pack(encoded, "all").input_ids.shape[1] == sum(len(e.ids) for e in encoded)
+
+
+def test_bf16_autocast_loss_close_to_fp32(tiny):
+    encoded = encode(tiny.tokenizer, EXAMPLES)
+    batch = pack(encoded, "answer")
+    with attached(tiny.model, LoraSpec(rank=2)) as model, torch.no_grad():
+        fp32 = F.cross_entropy(supervised_logits(model, batch), batch.labels)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = F.cross_entropy(supervised_logits(model, batch).float(), batch.labels)
+    assert abs(fp32.item() - bf16.item()) < 0.05 * fp32.item()
+
+
+def test_recalled_means_greedy_generation_reproduces_answer(tiny):
+    encoded = encode(tiny.tokenizer, EXAMPLES[:2])
+    with attached(tiny.model, LoraSpec(rank=8)) as model:
+        stats = train(model, tiny.tokenizer, EXAMPLES[:2], TrainSpec(lr=1e-2, epochs=60, batch_size=2), progress=False)
+        assert stats.recall == 1.0 and stats.epochs < 60  # stopped early at the target
+        for ex, e in zip(EXAMPLES[:2], encoded):
+            ids = torch.tensor([e.ids[: e.n_prompt]])
+            out = model.generate(input_ids=ids, max_new_tokens=e.n_answer, do_sample=False)
+            assert tiny.tokenizer.decode(out[0, e.n_prompt :]) == ex.answer
+
+
+def test_recall_zero_for_untrained_adapter(tiny):
+    encoded = encode(tiny.tokenizer, EXAMPLES)
+    with attached(tiny.model, LoraSpec(rank=2)) as model:
+        assert recall(model, tiny.tokenizer, encoded) == 0.0
+        batch = pack(encoded)
+        assert not examples_recalled(supervised_logits(model, batch), batch).any()
+
+
+def test_attached_restores_base_model(tiny):
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    with attached(tiny.model, LoraSpec(rank=2)) as model:
+        train(model, tiny.tokenizer, EXAMPLES, TrainSpec(epochs=1, target_recall=None), progress=False)
+    after = tiny.model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_no_examples_is_an_error(tiny):
+    with attached(tiny.model, LoraSpec(rank=2)) as model, pytest.raises(LoramemError, match="no training examples"):
+        train(model, tiny.tokenizer, [], TrainSpec())
