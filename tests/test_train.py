@@ -96,3 +96,29 @@ def test_attached_restores_base_model(tiny):
 def test_no_examples_is_an_error(tiny):
     with attached(tiny.model, LoraSpec(rank=2)) as model, pytest.raises(LoramemError, match="no training examples"):
         train(model, tiny.tokenizer, [], TrainSpec())
+
+
+def test_cached_frozen_layers_match_plain_path(tiny):
+    from loramem.train import cache_frozen_layers, first_trainable_layer
+
+    encoded = encode(tiny.tokenizer, EXAMPLES)
+    with attached(tiny.model, LoraSpec(rank=2, layers="2-3")) as model:
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.5)
+        assert first_trainable_layer(model) == 2
+        with torch.no_grad():
+            reference = plain_losses(model, tiny.tokenizer, encoded)
+            cache_frozen_layers(model, encoded, 2, bf16=False)
+            assert encoded[0].hidden.shape == (len(encoded[0].ids), tiny.model.config.hidden_size)
+            batch = pack(encoded, "answer")
+            assert batch.hidden is not None and batch.start_layer == 2
+            torch.testing.assert_close(packed_losses(model, batch), reference, rtol=1e-4, atol=1e-4)
+    assert len(tiny.model.model.layers) == 4  # the decoder got all its layers back
+
+
+def test_first_trainable_layer_is_zero_for_all_layers(tiny):
+    from loramem.train import first_trainable_layer
+
+    with attached(tiny.model, LoraSpec(rank=2)) as model:
+        assert first_trainable_layer(model) == 0

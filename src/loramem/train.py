@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -47,6 +48,8 @@ class Encoded:
     ids: list[int]
     n_prompt: int  # tokens before the answer
     n_answer: int  # answer tokens, not counting the closing EOS
+    hidden: torch.Tensor | None = None  # (len(ids), H) input of decoder layer `hidden_layer`, when cached
+    hidden_layer: int = 0
 
 
 @dataclass
@@ -91,6 +94,9 @@ class Batch:
     label_is_answer: torch.Tensor  # (K,) True for answer tokens (counted in recall; EOS is not)
     n_examples: int
     n_tokens: int
+    spans: list[tuple[int, int, int]]  # per example: (row, start, length) of its own tokens
+    hidden: torch.Tensor | None = None  # (rows, T, H) cached input of decoder layer `start_layer`
+    start_layer: int = 0
 
 
 def shared_prefix(encoded: list[Encoded]) -> int:
@@ -126,9 +132,13 @@ def pack(encoded: list[Encoded], loss_on: str = "answer", row_tokens: int = 1024
     pos = torch.zeros((len(rows), width), dtype=torch.long)
     # segment: -2 shared prefix, -1 padding, i >= 0 example i
     segment = torch.full((len(rows), width), -1, dtype=torch.long)
-    label_index, labels, label_example, label_is_answer = [], [], [], []
+    cached = encoded[0].hidden is not None
+    hidden = torch.zeros((len(rows), width, encoded[0].hidden.shape[-1]), dtype=encoded[0].hidden.dtype) if cached else None
+    label_index, labels, label_example, label_is_answer, spans = [], [], [], [], [None] * len(encoded)
     for r, row in enumerate(rows):
         ids[r, :prefix] = torch.tensor(head, dtype=torch.long)
+        if cached:
+            hidden[r, :prefix] = encoded[row[0]].hidden[:prefix]
         pos[r, :prefix] = torch.arange(prefix)
         segment[r, :prefix] = -2
         offset = prefix
@@ -138,6 +148,9 @@ def pack(encoded: list[Encoded], loss_on: str = "answer", row_tokens: int = 1024
             ids[r, offset : offset + n] = torch.tensor(e.ids[prefix:])
             pos[r, offset : offset + n] = torch.arange(prefix, prefix + n)
             segment[r, offset : offset + n] = i
+            spans[i] = (r, offset, n)
+            if cached:
+                hidden[r, offset : offset + n] = e.hidden[prefix:]
             first = e.n_prompt if loss_on == "answer" else 1
             for j in range(max(first, 1), len(e.ids)):  # j indexes e.ids; its input sits at j - 1
                 label_index.append(r * width + offset + j - 1 - prefix)
@@ -154,23 +167,68 @@ def pack(encoded: list[Encoded], loss_on: str = "answer", row_tokens: int = 1024
         ids, pos, mask,
         torch.tensor(label_index, dtype=torch.long), torch.tensor(labels, dtype=torch.long),
         torch.tensor(label_example, dtype=torch.long), torch.tensor(label_is_answer, dtype=torch.bool),
-        len(encoded), int((segment != -1).sum()),
+        len(encoded), int((segment != -1).sum()), spans, hidden, encoded[0].hidden_layer if cached else 0,
     )
 
 
 def supervised_logits(model, batch: Batch) -> torch.Tensor:
     """Logits only at labelled positions: the decoder runs on every token, the vocabulary projection
-    only where a loss is taken."""
+    only where a loss is taken. With cached hidden states the decoder starts at `batch.start_layer`."""
     causal_lm = _causal_lm(model)
     device = causal_lm.device
-    hidden = causal_lm.get_decoder()(
-        input_ids=batch.input_ids.to(device),
-        position_ids=batch.position_ids.to(device),
-        attention_mask=batch.attention_mask.to(device),
-        use_cache=False,
-    ).last_hidden_state
+    decoder = causal_lm.get_decoder()
+    kw = dict(position_ids=batch.position_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
+    if batch.hidden is None:
+        hidden = decoder(input_ids=batch.input_ids.to(device), **kw).last_hidden_state
+    else:
+        with decoder_slice(decoder, batch.start_layer, None, final_norm=True):
+            hidden = decoder(inputs_embeds=batch.hidden.to(device), **kw).last_hidden_state
     picked = hidden.reshape(-1, hidden.shape[-1])[batch.label_index.to(device)]
     return causal_lm.get_output_embeddings()(picked)
+
+
+@contextmanager
+def decoder_slice(decoder, start: int, stop: int | None, final_norm: bool):
+    """Run only decoder layers [start:stop] (and the final norm or not), reusing the model's own forward."""
+    layers, norm = decoder.layers, decoder.norm
+    decoder.layers = torch.nn.ModuleList(list(layers)[start:stop])
+    if not final_norm:
+        decoder.norm = torch.nn.Identity()
+    try:
+        yield
+    finally:
+        decoder.layers, decoder.norm = layers, norm
+
+
+def first_trainable_layer(model) -> int:
+    """Index of the first decoder layer with a trainable parameter; 0 when something before the layers trains."""
+    first = None
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            match = re.search(r"\.layers\.(\d+)\.", name)
+            if match is None:
+                return 0
+            first = int(match[1]) if first is None else min(first, int(match[1]))
+    return first or 0
+
+
+@torch.no_grad()
+def cache_frozen_layers(model, encoded: list[Encoded], layer: int, bf16: bool, batch_size: int = 64) -> None:
+    """Store each example's hidden states at the input of `layer`.
+
+    Layers before the first adapted one never change during training, so their output is computed once
+    instead of every epoch: a module on late layers then trains at the cost of its own layers only.
+    """
+    decoder = _causal_lm(model).get_decoder()
+    device = _causal_lm(model).device
+    with decoder_slice(decoder, 0, layer, final_norm=False), autocast(bf16, device):
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start : start + batch_size]
+            batch = pack(chunk, "all")
+            hidden = decoder(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
+                             attention_mask=batch.attention_mask.to(device), use_cache=False).last_hidden_state
+            for e, (row, offset, n) in zip(chunk, batch.spans):
+                e.hidden, e.hidden_layer = hidden[row, offset : offset + n].float().cpu(), layer
 
 
 def _causal_lm(model):
@@ -246,6 +304,9 @@ def train(model, tokenizer, examples: list[Example], spec: TrainSpec, progress: 
     encoded = encode(tokenizer, examples)
     device = _causal_lm(model).device
     bf16 = use_bf16(spec.precision, device)
+    frozen = first_trainable_layer(model)
+    if frozen > 0:
+        cache_frozen_layers(model, encoded, frozen, bf16)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     groups = [
