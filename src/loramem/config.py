@@ -110,8 +110,10 @@ class TrainSpec:
 
     lr:            peak learning rate (AdamW). Memorising facts wants a far higher rate than the
                    paper's 5e-5; the default was measured on PhoneBook (docs/BENCHMARKS.md).
-    schedule:      "constant", "linear" or "cosine" decay after warmup_steps.
-    epochs:        upper bound on passes over the examples.
+    schedule:      "constant", "linear" or "cosine" decay after warmup_steps. Decaying to zero is what
+                   turns "almost memorised" into exact recall (measured: constant 5e-3 plateaus at 94%
+                   after 25 epochs of PhoneBook 1K; linear decay from 5e-3 reaches 100% at epoch 15).
+    epochs:        passes over the examples; with a decaying schedule also its horizon.
     max_steps:     optional hard cap on optimizer steps (overrides epochs when reached first).
     batch_size:    examples per optimizer step.
     seed:          seeds shuffling and LoRA initialisation.
@@ -123,10 +125,10 @@ class TrainSpec:
     precision:     "auto" (bf16 autocast where the hardware has bf16 matmul, else fp32), "bf16", "fp32".
     """
 
-    lr: float = 3e-3
-    schedule: str = "constant"
+    lr: float = 5e-3
+    schedule: str = "linear"
     warmup_steps: int = 0
-    epochs: int = 30
+    epochs: int = 16
     max_steps: int | None = None
     batch_size: int = 8
     seed: int = 0

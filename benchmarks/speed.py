@@ -1,0 +1,186 @@
+"""Training and answering speed of loramem against the usual PEFT recipe, in one run.
+
+    python benchmarks/speed.py [--model smollm2-135m] [--reps 5] [--json]
+
+Training: the same PhoneBook examples and module spec, timed per optimizer step over `--reps`
+repetitions (medians). Baseline = plain PEFT + transformers in fp32: a padded batch, the causal-LM
+loss with full-vocabulary logits at every position (labels -100 outside the answer). Fast = loramem's
+path (packing with a shared prefix, supervised-only logits, precision "auto"). Supervised tokens per
+second is the figure of merit (both supervise the same tokens). FLOP/s counts 2*N per token forward
+and 2*N backward (activation gradients) over the non-embedding weights, plus the vocabulary projection
+where it is computed, and is quoted against large fp32 and bf16 matmuls measured in the same run.
+
+Answering: seconds per closed-book question (batch 1, greedy, 16 new tokens) for the base model, a
+module merged into the weights (loramem), and the same module through PEFT unmerged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from loramem.answer import closed_book_prompt
+from loramem.bench import phonebook as pb
+from loramem.config import LoraSpec, TrainSpec
+from loramem.merge import applied, lora_deltas
+from loramem.models import load_base
+from loramem.train import (attached, autocast, cache_frozen_layers, encode, first_trainable_layer, pack,
+                           supervised_logits, use_bf16)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times)
+
+
+def baseline_step(model, tokenizer, encoded, optimizer) -> int:
+    """The usual recipe: right-padded batch, model(..., labels=...) computes every position's logits."""
+    width = max(len(e.ids) for e in encoded)
+    ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, e in enumerate(encoded):
+        ids[i, : len(e.ids)] = torch.tensor(e.ids)
+        mask[i, : len(e.ids)] = 1
+        labels[i, e.n_prompt : len(e.ids)] = torch.tensor(e.ids[e.n_prompt :])
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return int((labels != -100).sum())
+
+
+def fast_step(model, tokenizer, encoded, optimizer, bf16: bool) -> int:
+    batch = pack(encoded, "answer", pad_id=tokenizer.pad_token_id)
+    with autocast(bf16, torch.device("cpu")):
+        logits = supervised_logits(model, batch)
+    F.cross_entropy(logits.float(), batch.labels).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return len(batch.labels)
+
+
+def time_steps(step, batches, reps) -> tuple[float, int]:
+    step(batches[0])  # warm-up
+    per_rep = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        supervised = sum(step(b) for b in batches)
+        per_rep.append(time.perf_counter() - start)
+    return statistics.median(per_rep), supervised
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=3)
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--targets", default="all")
+    parser.add_argument("--layers", default="all")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    base = load_base(args.model)
+    tok = base.tokenizer
+    entries = pb.generate(args.batch_size * args.batches, seed=0)
+    encoded = encode(tok, pb.examples(entries))
+    batches = [encoded[i : i + args.batch_size] for i in range(0, len(encoded), args.batch_size)]
+    cfg = base.model.config
+    embed = cfg.vocab_size * cfg.hidden_size
+    body = sum(p.numel() for p in base.model.parameters()) - embed * (1 if cfg.tie_word_embeddings else 2)
+    bf16 = use_bf16("auto", base.device)
+    spec = LoraSpec(rank=args.rank, targets=args.targets, layers=args.layers)
+    result = {"model": args.model, "rank": args.rank, "targets": args.targets, "layers": args.layers, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+              "precision": "bf16" if bf16 else "fp32"}
+
+    for name, make_step in [
+        ("baseline", lambda m, o: lambda b: baseline_step(m, tok, b, o)),
+        ("fast", lambda m, o: lambda b: fast_step(m, tok, b, o, bf16)),
+    ]:
+        with attached(base.model, spec) as model:
+            model.train()
+            frozen = first_trainable_layer(model)
+            if name == "fast" and frozen > 0:  # one forward over the frozen layers, reused every epoch
+                start = time.perf_counter()
+                cache_frozen_layers(model, encoded, frozen, bf16)
+                result["frozen_layer_cache_seconds"] = time.perf_counter() - start
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            seconds, supervised = time_steps(make_step(model, optimizer), batches, args.reps)
+        share = 1 - frozen / cfg.num_hidden_layers  # layers that need a backward pass
+        if name == "baseline":  # forward through every layer, backward down to the first adapted one
+            tokens = sum(len(b) * max(len(e.ids) for e in b) for b in batches)
+            flops = tokens * (2 * body + 2 * body * share) + tokens * 4 * embed
+        else:  # cached frozen layers: forward and backward only through the adapted ones
+            packed = [pack(b, "answer") for b in batches]
+            tokens = sum(p.n_tokens for p in packed)
+            flops = tokens * 4 * body * share + sum(len(p.labels) for p in packed) * 4 * embed
+        result[name] = {"seconds_per_step": seconds / len(batches), "tokens_computed": tokens,
+                        "supervised_tokens_per_second": supervised / seconds, "gflops": flops / seconds / 1e9}
+    result["speedup_supervised_tokens"] = (result["fast"]["supervised_tokens_per_second"]
+                                           / result["baseline"]["supervised_tokens_per_second"])
+    result["peak_gflops_fp32"] = matmul_peak(torch.float32) / 1e9
+    result["peak_gflops_bf16"] = matmul_peak(torch.bfloat16, n=512) / 1e9
+    result["fast_fraction_of_fp32_peak"] = result["fast"]["gflops"] / result["peak_gflops_fp32"]
+    result["fast_fraction_of_bf16_peak"] = result["fast"]["gflops"] / result["peak_gflops_bf16"]
+    result["answer"] = answer_latency(base, args.rank, args.reps)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        for key, value in result.items():
+            print(f"{key:32s} {json.dumps(value) if isinstance(value, dict) else value}")
+
+
+def answer_latency(base, rank: int, reps: int) -> dict:
+    """Median seconds per closed-book answer: base, merged module, PEFT unmerged."""
+    from peft import get_peft_model_state_dict
+
+    enc = base.tokenizer([closed_book_prompt("What is the phone number of Jeffrey Buck?")], return_tensors="pt")
+
+    def answer(model):  # exactly 16 new tokens for every variant, so only the per-token cost differs
+        with torch.no_grad():
+            model.generate(**enc, max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                           pad_token_id=base.tokenizer.pad_token_id)
+
+    with attached(base.model, LoraSpec(rank=rank)) as model:
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.01)
+        state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+        scale = 2.0  # LoraSpec default alpha = 2 * rank
+        unmerged = _median(lambda: answer(model), reps)
+    plain = _median(lambda: answer(base.model), reps)
+
+    def merged_answer():
+        with applied(base.model, lora_deltas(state, scale)):
+            answer(base.model)
+
+    merged = _median(merged_answer, reps)
+    return {"base_s": plain, "merged_module_s": merged, "peft_unmerged_s": unmerged,
+            "merged_over_base": merged / plain, "unmerged_over_base": unmerged / plain}
+
+
+def _median(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+if __name__ == "__main__":
+    main()
