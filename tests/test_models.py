@@ -46,3 +46,12 @@ def test_folder_with_only_pickle_weights_is_refused(tmp_path):
 def test_local_folder_loads_like_the_registry_name(tiny):
     again = load_base(str(resolve("tiny")))
     assert same_base(again.fingerprint, tiny.fingerprint)
+
+
+def test_unreadable_gguf_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAMEM_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF but not really")
+    with pytest.raises(LoramemError, match="cannot read GGUF file"):
+        resolve(str(bad))
+    assert not any((tmp_path / "cache" / "models").iterdir())  # no half-converted folder left

@@ -122,3 +122,17 @@ def test_first_trainable_layer_is_zero_for_all_layers(tiny):
 
     with attached(tiny.model, LoraSpec(rank=2)) as model:
         assert first_trainable_layer(model) == 0
+
+
+@pytest.mark.parametrize("variant", ["rslora", "dora", "pissa"])
+def test_peft_variants_train_and_answer(tiny, tmp_path, variant):
+    from loramem import Memory
+
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    memory = Memory.open(tmp_path / "m", create=True, base=tiny)
+    record = memory.write(EXAMPLES[:1], lora=LoraSpec(rank=4, **{variant: True}),
+                          train_spec=TrainSpec(lr=1e-2, epochs=60, batch_size=1), progress=False)
+    assert record.recall == 1.0
+    # The base is untouched (PiSSA rewrites it while training) and the saved module applies to it.
+    assert all(torch.equal(before[k], v) for k, v in tiny.model.state_dict().items())
+    assert memory.ask("What is the phone number of Ann Lee?").text.startswith("603-556-7631")

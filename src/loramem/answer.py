@@ -99,7 +99,7 @@ def read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 @contextmanager
 def module_applied(model: torch.nn.Module, folder: Path):
     """Run the block with one module in effect on `model` (merged in place, then reverted exactly)."""
-    from loramem.merge import applied, lora_deltas
+    from loramem.merge import applied, lora_factors
 
     config, tensors = read_adapter(folder)
     if config.get("use_dora"):
@@ -111,7 +111,7 @@ def module_applied(model: torch.nn.Module, folder: Path):
         finally:
             peft_model.unload()
         return
-    with applied(model, lora_deltas(tensors, adapter_scale(config))):
+    with applied(model, factors=lora_factors(tensors, adapter_scale(config))):
         yield model
 
 

@@ -29,8 +29,13 @@ ModelOpt = typer.Option(None, "--model", help=f"registry name ({DEFAULT_MODEL}, 
 DataDirOpt = typer.Option(None, "--data-dir", help="benchmark data directory (default: $LORAMEM_DATA)")
 
 
-def _specs(rank, alpha, targets, layers, lr, epochs, batch_size, seed, loss_on, target_recall) -> tuple[LoraSpec, TrainSpec]:
-    lora = LoraSpec(rank=rank, alpha=alpha, targets=targets, layers=layers)
+def _specs(rank, alpha, targets, layers, lr, epochs, batch_size, seed, loss_on, target_recall,
+           variants: str = "") -> tuple[LoraSpec, TrainSpec]:
+    chosen = {v.strip() for v in variants.split(",") if v.strip()}
+    if chosen - {"rslora", "dora", "pissa"}:
+        raise LoramemError(f"unknown LoRA variant(s) {', '.join(sorted(chosen))}: choose from rslora, dora, pissa")
+    lora = LoraSpec(rank=rank, alpha=alpha, targets=targets, layers=layers,
+                    rslora="rslora" in chosen, dora="dora" in chosen, pissa="pissa" in chosen)
     recall = None if target_recall <= 0 else target_recall
     return lora, TrainSpec(lr=lr, epochs=epochs, batch_size=batch_size, seed=seed, loss_on=loss_on, target_recall=recall)
 
@@ -59,6 +64,7 @@ def write(
     alpha: Optional[float] = typer.Option(None, help="LoRA alpha (default 2 x rank)"),
     targets: str = typer.Option("all", help="attention, ffn, all, or module names"),
     layers: str = typer.Option("all", help="all, early, late, a-b or a list"),
+    variants: str = typer.Option("", help="PEFT variants, comma-separated: rslora, dora, pissa"),
     lr: float = typer.Option(TrainSpec.lr),
     epochs: int = typer.Option(TrainSpec.epochs, help="upper bound; training stops at the target recall"),
     batch_size: int = typer.Option(TrainSpec.batch_size),
@@ -72,7 +78,8 @@ def write(
     from loramem.bench import phonebook as pb
     from loramem.memory import Memory, facts_from_file
 
-    lora, train_spec = _specs(rank, alpha, targets, layers, lr, epochs, batch_size, seed, loss_on, target_recall)
+    lora, train_spec = _specs(rank, alpha, targets, layers, lr, epochs, batch_size, seed, loss_on, target_recall,
+                              variants)
     if phonebook:
         examples = pb.examples(pb.load(phonebook, data_dir))
     elif files:

@@ -19,7 +19,7 @@ from loramem.config import LoraSpec, TrainSpec
 from loramem.errors import LoramemError
 from loramem.models import DEFAULT_MODEL, Base, cached_fingerprint, load_base, same_base
 from loramem.store import ModuleRecord, Store, now
-from loramem.train import Example, attached, train
+from loramem.train import Example, attached, save_adapter, train
 
 EXAMPLES_FILE = "examples.jsonl"
 
@@ -117,7 +117,7 @@ class Memory:
                 self.store = Store.create(self.path, self.model_name, base.fingerprint)
             self.store.sweep()
             staged = self.store.staging_dir()
-            peft_model.save_pretrained(staged, safe_serialization=True)
+            save_adapter(peft_model, staged)
         with open(staged / EXAMPLES_FILE, "w", encoding="utf-8") as f:
             for e in examples:
                 f.write(json.dumps({"prompt": e.prompt, "answer": e.answer}, ensure_ascii=False) + "\n")

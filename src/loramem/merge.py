@@ -284,42 +284,60 @@ class Applied:
     originals: dict[str, torch.Tensor]
 
 
-def _parameter(model: torch.nn.Module, name: str, delta: torch.Tensor) -> torch.nn.Parameter:
+def _parameter(model: torch.nn.Module, name: str, shape: tuple[int, ...]) -> torch.nn.Parameter:
     try:
         param = model.get_parameter(name)
     except AttributeError:
         raise LoramemError(f"the model has no weight {name!r}") from None
-    if param.shape != delta.shape:
-        raise LoramemError(f"delta for {name!r} has shape {tuple(delta.shape)}, the weight {tuple(param.shape)}")
+    if tuple(param.shape) != tuple(shape):
+        raise LoramemError(f"delta for {name!r} has shape {tuple(shape)}, the weight {tuple(param.shape)}")
     return param
 
 
 def apply_in_place(model: torch.nn.Module, deltas: Deltas) -> Applied:
     """Add each dW to its base weight, summing in fp32 and rounding once to the weight's dtype.
 
-    The originals are copied rather than subtracted back later, because (W + dW) - dW is not W in
-    floating point. Every name and shape is checked before the first write, so an error leaves the
-    model untouched.
+    Each weight's storage is swapped for a new tensor and the original tensor is kept as it is (no
+    copy), so `revert` restores it bit for bit: (W + dW) - dW is not W in floating point. Every name
+    and shape is checked before the first write, so an error leaves the model untouched.
     """
-    params = {name: _parameter(model, name, dw) for name, dw in deltas.items()}
-    handle = Applied({name: p.detach().clone() for name, p in params.items()})
+    params = {name: _parameter(model, name, dw.shape) for name, dw in deltas.items()}
+    return _swap(params, lambda name, p: p.float() + deltas[name].to(p.device, torch.float32))
+
+
+def apply_factors_in_place(model: torch.nn.Module, factors: Factors) -> Applied:
+    """Like `apply_in_place` for one module's (A, B, scale), without materialising dW: W + s * B @ A
+    is one fused addmm per weight, which makes answering with a single module cost about a base answer."""
+    params = {name: _parameter(model, name, (b.shape[0], a.shape[1])) for name, (a, b, _) in factors.items()}
+
+    def merged(name: str, p: torch.Tensor) -> torch.Tensor:
+        a, b, scale = factors[name]
+        return torch.addmm(p.float(), b.to(p.device, torch.float32), a.to(p.device, torch.float32), alpha=scale)
+
+    return _swap(params, merged)
+
+
+def _swap(params: dict[str, torch.nn.Parameter], new_value) -> Applied:
+    handle = Applied({})
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(p.float() + deltas[name].to(p.device, torch.float32))
+            handle.originals[name] = p.data
+            p.data = new_value(name, p).to(p.dtype)
     return handle
 
 
 def revert(model: torch.nn.Module, handle: Applied) -> None:
-    """Restore every weight that `apply_in_place` touched to its original bits."""
+    """Restore every weight that `apply_in_place` touched to its original tensor."""
     with torch.no_grad():
         for name, original in handle.originals.items():
-            model.get_parameter(name).copy_(original)
+            model.get_parameter(name).data = original
 
 
 @contextlib.contextmanager
-def applied(model: torch.nn.Module, deltas: Deltas) -> Iterator[torch.nn.Module]:
-    """Run a block with `deltas` added to the model; it is restored afterwards even if the block raises."""
-    handle = apply_in_place(model, deltas)
+def applied(model: torch.nn.Module, deltas: Deltas | None = None, factors: Factors | None = None) -> Iterator[torch.nn.Module]:
+    """Run a block with `deltas` (or one module's `factors`) added to the model; restored afterwards even
+    if the block raises."""
+    handle = apply_in_place(model, deltas) if factors is None else apply_factors_in_place(model, factors)
     try:
         yield model
     finally:

@@ -19,6 +19,7 @@ import logging
 import math
 import random
 import re
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -323,7 +324,9 @@ def train(model, tokenizer, examples: list[Example], spec: TrainSpec, progress: 
     loss_value, measured = float("nan"), 0.0
     model.train()
     start = time.perf_counter()
-    bar = tqdm(total=total_steps, disable=not progress, desc="train", unit="step", leave=False)
+    # No bar when stderr is not a terminal (logs, CI): tqdm would write a line per update there.
+    bar = tqdm(total=total_steps, disable=not progress or not sys.stderr.isatty(), desc="train", unit="step",
+               leave=False, mininterval=0.5)
     for epoch in range(1, spec.epochs + 1):
         rng.shuffle(order)
         seen_recalled = 0
@@ -374,16 +377,45 @@ def train(model, tokenizer, examples: list[Example], spec: TrainSpec, progress: 
 
 @contextmanager
 def attached(model: torch.nn.Module, lora: LoraSpec, seed: int = 0):
-    """Wrap a base model with a fresh LoRA adapter; the base comes back unchanged afterwards."""
+    """Wrap a base model with a fresh LoRA adapter; the base comes back bit for bit afterwards.
+
+    PiSSA initialisation rewrites the base weights to a residual, so for it the touched weights are
+    kept and put back, and the initial adapter is saved so `save_adapter` can write a plain LoRA
+    adapter (rank 2r) that applies to the original base.
+    """
+    import shutil
+    import tempfile
+
     from peft import get_peft_model
 
     torch.manual_seed(seed)
     config = lora.to_peft(model.config.num_hidden_layers)
+    snapshot = {n: p.detach().clone() for n, p in model.named_parameters()} if lora.pissa else {}
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as err:
         raise LoramemError(f"cannot build the LoRA module: {str(err).splitlines()[0]}") from None
+    initial = None
+    if lora.pissa:
+        initial = tempfile.mkdtemp(prefix="loramem-pissa-")
+        peft_model.peft_config["default"].init_lora_weights = True  # save it as a plain LoRA start point
+        peft_model.save_pretrained(initial)
+        peft_model.peft_config["default"].init_lora_weights = "pissa"
+    peft_model.loramem_initial_adapter = initial
     try:
         yield peft_model
     finally:
-        peft_model.unload()
+        base = peft_model.unload()
+        with torch.no_grad():
+            for name, p in base.named_parameters():
+                if name in snapshot:
+                    p.data = snapshot[name]
+        if initial:
+            shutil.rmtree(initial, ignore_errors=True)
+
+
+def save_adapter(peft_model, folder) -> None:
+    """Save a standard PEFT adapter folder (PiSSA converted to a plain LoRA of the original base)."""
+    initial = getattr(peft_model, "loramem_initial_adapter", None)
+    extra = {"path_initial_model_for_weight_conversion": initial} if initial else {}
+    peft_model.save_pretrained(folder, safe_serialization=True, **extra)
