@@ -136,6 +136,7 @@ def main() -> None:
     result["fast_fraction_of_fp32_peak"] = result["fast"]["gflops"] / result["peak_gflops_fp32"]
     result["fast_fraction_of_bf16_peak"] = result["fast"]["gflops"] / result["peak_gflops_bf16"]
     result["answer"] = answer_latency(base, args.rank, args.reps)
+    result["merge_3_modules"] = merge_latency(base, args.rank, args.reps)
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -170,6 +171,39 @@ def answer_latency(base, rank: int, reps: int) -> dict:
     merged = _median(merged_answer, reps)
     return {"base_s": plain, "merged_module_s": merged, "peft_unmerged_s": unmerged,
             "merged_over_base": merged / plain, "unmerged_over_base": unmerged / plain}
+
+
+def merge_latency(base, rank: int, reps: int) -> dict:
+    """Median seconds to merge three rank-r all-linear modules of the model by every method
+    (factors -> full deltas -> merged deltas), and to apply + revert the result."""
+    from loramem.merge import METHODS, applied, lora_deltas, merge
+
+    states = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        with attached(base.model, LoraSpec(rank=rank), seed=seed) as model:
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    torch.nn.init.normal_(p, std=0.01)
+            from peft import get_peft_model_state_dict
+
+            states.append({k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()})
+    params = {"ties": {"density": 0.2}, "dare_linear": {"density": 0.5}, "dare_ties": {"density": 0.5},
+              "magnitude_prune": {"density": 0.2}}
+    out = {}
+    for method in METHODS:
+        def run():
+            deltas = [lora_deltas(s, 2.0) for s in states]
+            return merge(deltas, method, **params.get(method, {}))
+        out[f"{method}_s"] = _median(run, reps)
+    merged = merge([lora_deltas(s, 2.0) for s in states], "ties", density=0.2)
+
+    def apply_revert():
+        with applied(base.model, merged):
+            pass
+
+    out["apply_and_revert_s"] = _median(apply_revert, reps)
+    return out
 
 
 def _median(fn, reps: int) -> float:
