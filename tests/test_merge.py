@@ -409,3 +409,12 @@ def test_merge_key_names_equal_merges_alike():
         merge_key(["m1"], [1, 2], "linear", {})
     with pytest.raises(LoramemError):
         merge_key(["m1"], None, "nope", {})
+
+
+def test_trim_keeps_exactly_k_when_magnitudes_tie_at_the_threshold():
+    from loramem.merge import _trim
+
+    t = torch.tensor([[3.0, -2.0, 2.0, 2.0, -2.0, 1.0]])
+    kept = _trim(t, 0.5)  # k = 3: the 3 and two of the four tied 2s
+    assert int((kept != 0).sum()) == 3
+    assert kept[0, 0] == 3.0 and set(kept[kept != 0].abs().tolist()) == {3.0, 2.0}
