@@ -96,10 +96,32 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--targets", default="all")
     parser.add_argument("--layers", default="all")
+    parser.add_argument("--parts", default="train,answer,merge", help="comma-separated: train, answer, merge")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
     base = load_base(args.model)
+    bf16 = use_bf16("auto", base.device)
+    spec = LoraSpec(rank=args.rank, targets=args.targets, layers=args.layers)
+    result = {"model": args.model, "rank": args.rank, "targets": args.targets, "layers": args.layers,
+              "batch_size": args.batch_size, "threads": torch.get_num_threads(), "precision": "bf16" if bf16 else "fp32"}
+
+    parts = set(args.parts.split(","))
+    if "train" in parts:
+        train_throughput(args, base, spec, bf16, result)
+    if "answer" in parts:
+        result["answer"] = answer_latency(base, args.rank, args.reps)
+    if "merge" in parts:
+        result["merge_3_modules"] = merge_latency(base, args.rank, args.reps)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        for key, value in result.items():
+            print(f"{key:32s} {json.dumps(value) if isinstance(value, dict) else value}")
+
+
+def train_throughput(args, base, spec: LoraSpec, bf16: bool, result: dict) -> None:
+    """Baseline and fast training steps, alternating, on one module; fills `result`."""
     tok = base.tokenizer
     entries = pb.generate(args.batch_size * args.batches, seed=0)
     encoded = encode(tok, pb.examples(entries))
@@ -107,11 +129,6 @@ def main() -> None:
     cfg = base.model.config
     embed = cfg.vocab_size * cfg.hidden_size
     body = sum(p.numel() for p in base.model.parameters()) - embed * (1 if cfg.tie_word_embeddings else 2)
-    bf16 = use_bf16("auto", base.device)
-    spec = LoraSpec(rank=args.rank, targets=args.targets, layers=args.layers)
-    result = {"model": args.model, "rank": args.rank, "targets": args.targets, "layers": args.layers, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
-              "precision": "bf16" if bf16 else "fp32"}
-
     with attached(base.model, spec) as model:
         model.train()
         frozen = first_trainable_layer(model)
@@ -145,13 +162,6 @@ def main() -> None:
     result["peak_gflops_bf16"] = matmul_peak(torch.bfloat16, n=512) / 1e9
     result["fast_fraction_of_fp32_peak"] = result["fast"]["gflops"] / result["peak_gflops_fp32"]
     result["fast_fraction_of_bf16_peak"] = result["fast"]["gflops"] / result["peak_gflops_bf16"]
-    result["answer"] = answer_latency(base, args.rank, args.reps)
-    result["merge_3_modules"] = merge_latency(base, args.rank, args.reps)
-    if args.json:
-        print(json.dumps(result, indent=1))
-    else:
-        for key, value in result.items():
-            print(f"{key:32s} {json.dumps(value) if isinstance(value, dict) else value}")
 
 
 def answer_latency(base, rank: int, reps: int) -> dict:

