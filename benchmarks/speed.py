@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from loramem.answer import closed_book_prompt
 from loramem.bench import phonebook as pb
-from loramem.config import LoraSpec, TrainSpec
+from loramem.config import LoraSpec
 from loramem.merge import applied, lora_deltas
 from loramem.models import load_base
 from loramem.train import (attached, autocast, cache_frozen_layers, encode, first_trainable_layer, pack,

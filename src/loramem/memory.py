@@ -17,7 +17,7 @@ from pathlib import Path
 from loramem.answer import MODES, Answer, closed_book_prompt, fit_context, icl_prompt, module_applied, timed_generate
 from loramem.config import LoraSpec, TrainSpec
 from loramem.errors import LoramemError
-from loramem.models import DEFAULT_MODEL, Base, cached_fingerprint, load_base, same_base
+from loramem.models import DEFAULT_MODEL, KNOWN, Base, cached_fingerprint, load_base, same_base
 from loramem.store import ModuleRecord, Store, now
 from loramem.train import Example, attached, save_adapter, train
 
@@ -76,6 +76,8 @@ class Memory:
         one is refused when loaded. `base` passes an already loaded model (it must be the same one).
         """
         path = Path(path)
+        if model is not None and model not in KNOWN and Path(model).exists():
+            model = str(Path(model).resolve())  # the manifest must find it from any working directory
         if path.exists() or not create:
             store = Store.open(path)
             return cls(path, model or store.base_model, store, base)
