@@ -108,3 +108,10 @@ def test_failed_write_leaves_no_memory(tiny, tmp_path):
     with pytest.raises(LoramemError):
         memory.write([Example("Question: x? Answer:", "")], progress=False)
     assert not (tmp_path / "new.mem").exists()
+
+
+def test_write_into_an_empty_folder_made_for_it(tiny, tmp_path):
+    (tmp_path / "made").mkdir()
+    memory = Memory.open(tmp_path / "made", create=True, base=tiny)
+    memory.write(facts_from_text(FACTS), lora=LoraSpec(rank=8), train_spec=FAST, progress=False)
+    assert len(Memory.open(tmp_path / "made", base=tiny).modules()) == 1

@@ -78,7 +78,8 @@ class Memory:
         path = Path(path)
         if model is not None and model not in KNOWN and Path(model).exists():
             model = str(Path(model).resolve())  # the manifest must find it from any working directory
-        if path.exists() or not create:
+        empty_folder = path.is_dir() and not any(path.iterdir())
+        if (path.exists() and not (create and empty_folder)) or not create:
             store = Store.open(path)
             return cls(path, model or store.base_model, store, base)
         return cls(path, model or (base.name if base else DEFAULT_MODEL), None, base)
