@@ -79,7 +79,7 @@ class Memory:
         if model is not None and model not in KNOWN and Path(model).exists():
             model = str(Path(model).resolve())  # the manifest must find it from any working directory
         empty_folder = path.is_dir() and not any(path.iterdir())
-        if (path.exists() and not (create and empty_folder)) or not create:
+        if not create or (path.exists() and not empty_folder):
             store = Store.open(path)
             return cls(path, model or store.base_model, store, base)
         return cls(path, model or (base.name if base else DEFAULT_MODEL), None, base)
@@ -166,11 +166,11 @@ class Memory:
         return [Answer(q, t.strip(), mode, [m.id for m in used], seconds) for q, t in zip(questions, texts)]
 
     def _pick(self, module: str | None) -> ModuleRecord:
-        if self.store is None or not self.modules():
+        modules = self.modules()
+        if not modules:
             raise LoramemError(f"{self.path} has no modules yet; write some facts first")
         if module is not None:
             return self.store.get(module)
-        modules = self.modules()
         if len(modules) > 1:
             raise LoramemError(f"{self.path} has {len(modules)} modules; choose one with --module")
         return modules[0]

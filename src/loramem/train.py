@@ -15,6 +15,7 @@ The fast path, each trick checked against the plain path in tests/test_train.py:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -252,9 +253,11 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return cpu_has_native_bf16()
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     try:
-        flags = open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
     except OSError:
         return False
     return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
