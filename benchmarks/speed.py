@@ -21,6 +21,7 @@ import copy
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,6 @@ import torch.nn.functional as F
 from loramem.answer import closed_book_prompt
 from loramem.bench import phonebook as pb
 from loramem.config import LoraSpec
-from loramem.merge import applied, lora_deltas
 from loramem.models import load_base
 from loramem.train import (attached, autocast, cache_frozen_layers, encode, first_trainable_layer, pack,
                            supervised_logits, use_bf16)
@@ -165,8 +165,12 @@ def train_throughput(args, base, spec: LoraSpec, bf16: bool, result: dict) -> No
 
 
 def answer_latency(base, rank: int, reps: int) -> dict:
-    """Median seconds per closed-book answer: base, merged module, PEFT unmerged."""
-    from peft import get_peft_model_state_dict
+    """Median seconds per closed-book answer: base, a saved module applied the way `loramem ask` applies
+    it (answer.module_applied), and the same module through PEFT unmerged."""
+    import tempfile
+
+    from loramem.answer import module_applied
+    from loramem.train import save_adapter
 
     enc = base.tokenizer([closed_book_prompt("What is the phone number of Jeffrey Buck?")], return_tensors="pt")
 
@@ -175,20 +179,18 @@ def answer_latency(base, rank: int, reps: int) -> dict:
             model.generate(**enc, max_new_tokens=16, min_new_tokens=16, do_sample=False,
                            pad_token_id=base.tokenizer.pad_token_id)
 
-    with attached(base.model, LoraSpec(rank=rank)) as model:
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                torch.nn.init.normal_(p, std=0.01)
-        state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
-        scale = 2.0  # LoraSpec default alpha = 2 * rank
-        unmerged = _median(lambda: answer(model), reps)
-    plain = _median(lambda: answer(base.model), reps)
-
     def merged_answer():
-        with applied(base.model, lora_deltas(state, scale)):
-            answer(base.model)
+        with module_applied(base.model, folder) as model:
+            answer(model)
 
-    merged = _median(merged_answer, reps)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        with attached(base.model, LoraSpec(rank=rank)) as model:
+            _randomise(model)
+            save_adapter(model, folder)
+            unmerged = _median(lambda: answer(model), reps)
+        plain = _median(lambda: answer(base.model), reps)
+        merged = _median(merged_answer, reps)
     return {"base_s": plain, "merged_module_s": merged, "peft_unmerged_s": unmerged,
             "merged_over_base": merged / plain, "unmerged_over_base": unmerged / plain}
 
@@ -196,27 +198,26 @@ def answer_latency(base, rank: int, reps: int) -> dict:
 def merge_latency(base, rank: int, reps: int) -> dict:
     """Median seconds to merge three rank-r all-linear modules of the model by every method
     (factors -> full deltas -> merged deltas), and to apply + revert the result."""
+    from peft import get_peft_model_state_dict
+
     from loramem.merge import METHODS, applied, lora_deltas, merge
 
+    spec = LoraSpec(rank=rank)
+    scale = spec.lora_alpha / rank
     states = []
     for seed in range(3):
-        torch.manual_seed(seed)
-        with attached(base.model, LoraSpec(rank=rank), seed=seed) as model:
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    torch.nn.init.normal_(p, std=0.01)
-            from peft import get_peft_model_state_dict
-
+        with attached(base.model, spec, seed=seed) as model:
+            _randomise(model, seed)
             states.append({k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()})
     params = {"ties": {"density": 0.2}, "dare_linear": {"density": 0.5}, "dare_ties": {"density": 0.5},
               "magnitude_prune": {"density": 0.2}}
     out = {}
     for method in METHODS:
         def run():
-            deltas = [lora_deltas(s, 2.0) for s in states]
+            deltas = [lora_deltas(s, scale) for s in states]
             return merge(deltas, method, **params.get(method, {}))
         out[f"{method}_s"] = _median(run, reps)
-    merged = merge([lora_deltas(s, 2.0) for s in states], "ties", density=0.2)
+    merged = merge([lora_deltas(s, scale) for s in states], "ties", density=0.2)
 
     def apply_revert():
         with applied(base.model, merged):
@@ -224,6 +225,14 @@ def merge_latency(base, rank: int, reps: int) -> dict:
 
     out["apply_and_revert_s"] = _median(apply_revert, reps)
     return out
+
+
+def _randomise(model, seed: int = 0) -> None:
+    """Give a fresh adapter non-zero B factors, so that it changes the model like a trained one."""
+    torch.manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.01)
 
 
 def _median(fn, reps: int) -> float:
