@@ -115,3 +115,72 @@ def test_write_into_an_empty_folder_made_for_it(tiny, tmp_path):
     memory = Memory.open(tmp_path / "made", create=True, base=tiny)
     memory.write(facts_from_text(FACTS), lora=LoraSpec(rank=8), train_spec=FAST, progress=False)
     assert len(Memory.open(tmp_path / "made", base=tiny).modules()) == 1
+
+
+SHARDS = [
+    "Question: What is the phone number of Ann Lee? Answer: 603-556-7631\nQuestion: What is the phone number of Bo Kim? Answer: 705-882-9365\n",
+    "Question: What is the phone number of Cy Ortega? Answer: 212-340-1187\nQuestion: What is the phone number of Di Novak? Answer: 319-450-2298\n",
+    "Question: What is the phone number of Ed Brandt? Answer: 415-560-3309\nQuestion: What is the phone number of Flo Quist? Answer: 509-670-4410\n",
+]
+
+
+@pytest.fixture(scope="module")
+def sharded(tiny, tmp_path_factory):
+    memory = Memory.open(tmp_path_factory.mktemp("mem") / "shards.mem", create=True, base=tiny)
+    records = [memory.write(facts_from_text(text), lora=LoraSpec(rank=8), train_spec=FAST, name=f"shard-{i}",
+                            progress=False) for i, text in enumerate(SHARDS)]
+    return memory, records
+
+
+def test_lora_routes_each_question_to_its_shard(sharded):
+    memory, records = sharded
+    for router in ("bm25", "dense", "hybrid"):
+        answers = memory.ask_many(["What is the phone number of Di Novak?", "What is the phone number of Flo Quist?"],
+                                  mode="lora", router=router)
+        assert [a.modules for a in answers] == [[records[1].id], [records[2].id]]
+    assert answers[0].text.startswith("319-450-2298") and answers[1].text.startswith("509-670-4410")
+    assert set(answers[0].timing) == {"route", "merge", "prefill", "decode"}
+    assert answers[0].seconds == pytest.approx(sum(answers[0].timing.values()))
+
+
+def test_multi_merges_the_top_k_and_oracle_takes_the_gold(sharded):
+    memory, records = sharded
+    answer = memory.ask("What is the phone number of Ann Lee?", mode="multi", router="bm25", top_k=2, merge="linear")
+    assert len(answer.modules) == 2 and answer.modules[0] == records[0].id
+    assert answer.module_scores[0] >= answer.module_scores[1]
+    oracle = memory.ask("What is the phone number of Ann Lee?", mode="lora", router="oracle", gold=[records[2].id])
+    assert oracle.modules == [records[2].id]
+
+
+def test_rag_retrieves_the_fact_and_icl_uses_the_routed_documents(sharded):
+    memory, records = sharded
+    answer = memory.ask("What is the phone number of Ed Brandt?", mode="lora+rag", router="bm25", top_k=1)
+    assert answer.chunks[0]["id"] == f"{records[2].id}:0" and answer.modules == [records[2].id]
+    icl = memory.ask("What is the phone number of Ed Brandt?", mode="icl", router="bm25", top_k=1)
+    assert icl.modules == [records[2].id] and icl.chunks == []
+    assert (memory.path / "index").is_dir()  # the routing indexes are kept for the next open
+
+
+def test_router_abstains_below_its_threshold(sharded):
+    memory, _ = sharded
+    answer = memory.ask("Which river flows through Vienna?", mode="lora", router="bm25", threshold=1e6)
+    assert answer.modules == []
+
+
+def test_bad_top_k_router_and_merge(sharded):
+    memory, _ = sharded
+    with pytest.raises(LoramemError, match="top-k 4"):
+        memory.ask("q?", mode="multi", top_k=4)
+    with pytest.raises(LoramemError, match="top-k"):
+        memory.ask("q?", mode="multi", top_k=0)
+    with pytest.raises(LoramemError, match="unknown router"):
+        memory.ask("q?", router="psychic")
+    with pytest.raises(LoramemError, match="unknown merge method"):
+        memory.ask("q?", mode="multi", router="bm25", merge="blend")
+
+
+def test_empty_memory_asks_clearly(tiny, tmp_path):
+    memory = Memory.open(tmp_path / "none.mem", create=True, base=tiny)
+    with pytest.raises(LoramemError, match="no modules"):
+        memory.ask("q?", mode="multi")
+    assert memory.ask("q?", mode="base").modules == []

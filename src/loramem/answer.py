@@ -19,7 +19,19 @@ import torch
 from loramem.errors import LoramemError
 
 log = logging.getLogger("loramem")
-MODES = ("base", "lora", "icl")
+# The weights a question is answered with (base, one module, several merged), optionally with context in the
+# prompt (whole documents: icl; retrieved passages: rag).
+WEIGHTS = ("base", "lora", "multi")
+CONTEXTS = ("icl", "rag")
+MODES = ("base", "icl", "rag", "lora", "multi", "lora+icl", "lora+rag", "multi+icl", "multi+rag")
+
+
+def parse_mode(mode: str) -> tuple[str, str | None]:
+    """"lora+rag" -> ("lora", "rag"); "icl" -> ("base", "icl")."""
+    if mode not in MODES:
+        raise LoramemError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    first, _, second = mode.partition("+")
+    return (first, second or None) if first in WEIGHTS else ("base", first)
 
 
 @dataclass
@@ -27,8 +39,11 @@ class Answer:
     question: str
     text: str
     mode: str
-    modules: list[str] = field(default_factory=list)
+    modules: list[str] = field(default_factory=list)  # modules used (weights, or documents for icl), best first
     seconds: float = 0.0  # this question's share of its batch's wall time
+    module_scores: list[float] = field(default_factory=list)  # the router's score of each module
+    chunks: list[dict] = field(default_factory=list)  # retrieved passages: {"id": "<module>:<n>", "score"}
+    timing: dict = field(default_factory=dict)  # seconds: route, merge, prefill, decode
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,20 +72,57 @@ def fit_context(tokenizer, context: str, budget: int) -> str:
     return tokenizer.decode(ids[:budget])
 
 
+@dataclass
+class Timing:
+    """Where an answer's seconds went (per question: its share of its batch)."""
+
+    route: float = 0.0
+    merge: float = 0.0
+    prefill: float = 0.0  # up to the first new token's logits
+    decode: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.route + self.merge + self.prefill + self.decode
+
+    def share(self, n: int) -> Timing:
+        return Timing(*(getattr(self, f) / max(1, n) for f in ("route", "merge", "prefill", "decode")))
+
+
+class _FirstLogits:
+    """A logits processor that only notes when generation's first forward pass (the prefill) is done."""
+
+    def __init__(self):
+        self.at: float | None = None
+
+    def __call__(self, input_ids, scores):
+        if self.at is None:
+            self.at = time.perf_counter()
+        return scores
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 24, batch_size: int = 16) -> list[str]:
-    """Greedy completions, generated in left-padded batches."""
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 24, batch_size: int = 16,
+             timing: Timing | None = None) -> list[str]:
+    """Greedy completions, generated in left-padded batches; prefill and decode seconds add to `timing`."""
+    from transformers import LogitsProcessorList
+
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
+        began, first = time.perf_counter(), _FirstLogits()
         enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
         ids = model.generate(
             **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id, logits_processor=LogitsProcessorList([first]),
         )
         out += tokenizer.batch_decode(ids[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+        if timing is not None:
+            ended = time.perf_counter()
+            timing.prefill += (first.at or ended) - began
+            timing.decode += ended - (first.at or ended)
     return out
 
 
@@ -115,7 +167,54 @@ def module_applied(model: torch.nn.Module, folder: Path):
         yield model
 
 
-def timed_generate(model, tokenizer, prompts, **kw) -> tuple[list[str], float]:
-    start = time.perf_counter()
-    texts = generate(model, tokenizer, prompts, **kw)
-    return texts, (time.perf_counter() - start) / max(1, len(prompts))
+MERGE_METHODS = ("linear", "cat", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+# Methods that add the deltas up: their default weights average the modules (1/N each); TIES and DARE-TIES
+# take a disjoint mean themselves and default to weight 1.
+_SUMMING = ("linear", "cat", "dare_linear", "magnitude_prune")
+
+
+# Density for the sparsifying methods when none is given (PEFT's and mergekit's usual setting).
+DEFAULT_DENSITY = 0.5
+
+
+def default_weights(method: str, n: int) -> list[float]:
+    return [1.0 / n] * n if method in _SUMMING else [1.0] * n
+
+
+@contextmanager
+def modules_applied(model: torch.nn.Module, folders: list[Path], method: str = "ties",
+                    weights: list[float] | None = None, cache=None, **params):
+    """Run the block with several modules merged into `model` (in place, reverted exactly afterwards).
+
+    `linear` and `cat` are applied from concatenated factors (exact, no dense delta is formed); the other
+    methods merge dense deltas, memoised in `cache` (a merge.MergeCache) by module set, weights and params.
+    """
+    from loramem.merge import applied, cat_factors, lora_deltas, lora_factors, merge, merge_key
+
+    if method not in MERGE_METHODS:
+        raise LoramemError(f"unknown merge method {method!r}; choose one of {', '.join(MERGE_METHODS)}")
+    if len(folders) == 1 and method in ("linear", "cat") and weights is None:
+        with module_applied(model, folders[0]) as one:  # averaging one module is the module
+            yield one
+        return
+    weights = list(weights) if weights is not None else default_weights(method, len(folders))
+    if method not in ("linear", "cat"):
+        params = {"density": DEFAULT_DENSITY} | params
+    adapters = [read_adapter(folder) for folder in folders]
+    if any(config.get("use_dora") for config, _ in adapters):
+        raise LoramemError("DoRA modules cannot be merged (their update is not a weight delta); answer with one")
+    if method in ("linear", "cat"):
+        factors = cat_factors([lora_factors(t, adapter_scale(c)) for c, t in adapters], weights)
+        with applied(model, factors=factors):
+            yield model
+        return
+
+    def compute():
+        return merge([lora_deltas(t, adapter_scale(c)) for c, t in adapters], method, weights, **params)
+
+    key = merge_key([str(f) for f in folders], weights, method, params)
+    deltas = cache.get_or_compute(key, compute) if cache is not None else compute()
+    with applied(model, deltas=deltas):
+        yield model
+
+

@@ -12,16 +12,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
-from loramem.answer import MODES, Answer, closed_book_prompt, fit_context, icl_prompt, module_applied, timed_generate
+from loramem.answer import (
+    Answer, Timing, closed_book_prompt, fit_context, generate, icl_prompt, module_applied, modules_applied, parse_mode,
+)
 from loramem.config import LoraSpec, TrainSpec
+from loramem.corpus import Document, chunk_text
 from loramem.errors import LoramemError
+from loramem.merge import MergeCache
 from loramem.models import DEFAULT_MODEL, KNOWN, Base, cached_fingerprint, load_base, same_base
+from loramem.route import Hit, Router, make_router
 from loramem.store import ModuleRecord, Store, now
 from loramem.train import Example, attached, save_adapter, train
 
 EXAMPLES_FILE = "examples.jsonl"
+DOCUMENTS_FILE = "documents.jsonl"
+# RAG passages and routing keys: windows that fit the sentence encoder (all-MiniLM-L6-v2 reads 256 word pieces).
+RAG_CHUNK_TOKENS, RAG_OVERLAP = 192, 32
+DEFAULT_TOP_K = 3  # the documents a module was written from: ICL context and routing keys
 
 
 def facts_from_text(text: str, source: str = "text") -> list[Example]:
@@ -67,6 +79,8 @@ class Memory:
         self.model_name = model
         self.store = store  # None until the first module is committed
         self._base = base
+        self._indexes: dict[str, Router] = {}
+        self._merge_cache = MergeCache(maxsize=4)
 
     @classmethod
     def open(cls, path: str | Path, model: str | None = None, create: bool = False, base: Base | None = None) -> Memory:
@@ -102,15 +116,19 @@ class Memory:
         return self.store.modules() if self.store else []
 
     def write(self, examples: list[Example], lora: LoraSpec | None = None, train_spec: TrainSpec | None = None,
-              name: str | None = None, progress: bool = True) -> ModuleRecord:
-        """Train one module on the examples and commit it; an identical earlier write is returned as is."""
+              name: str | None = None, progress: bool = True, documents: list[Document] = ()) -> ModuleRecord:
+        """Train one module on the examples and commit it; an identical earlier write is returned as is.
+
+        `documents` are the texts the examples were made from, kept beside the module for ICL and routing.
+        """
         lora, train_spec = lora or LoraSpec(), train_spec or TrainSpec()
         if not examples:
             raise LoramemError("nothing to write: no facts")
         base = self.base
         digest = data_hash(examples)
         module_id = hashlib.sha256(json.dumps(
-            [digest, lora.to_dict(), train_spec.to_dict(), base.fingerprint["weights_sha256"]], sort_keys=True
+            [digest, [d.id for d in documents], lora.to_dict(), train_spec.to_dict(),
+             base.fingerprint["weights_sha256"]], sort_keys=True,
         ).encode()).hexdigest()[:16]
         if self.store is not None and self.store.has(module_id):
             return self.store.get(module_id)
@@ -121,9 +139,9 @@ class Memory:
             self.store.sweep()
             staged = self.store.staging_dir()
             save_adapter(peft_model, staged)
-        with open(staged / EXAMPLES_FILE, "w", encoding="utf-8") as f:
-            for e in examples:
-                f.write(json.dumps({"prompt": e.prompt, "answer": e.answer}, ensure_ascii=False) + "\n")
+        _write_jsonl(staged / EXAMPLES_FILE, [{"prompt": e.prompt, "answer": e.answer} for e in examples])
+        if documents:
+            _write_jsonl(staged / DOCUMENTS_FILE, [asdict(d) for d in documents])
         record = ModuleRecord(
             id=module_id, name=name or f"module-{len(self.modules()) + 1}", created_at=now(),
             base_model=self.model_name, base_fingerprint=base.fingerprint, lora_spec=lora.to_dict(),
@@ -134,43 +152,193 @@ class Memory:
         self.store.commit(staged, record)
         return record
 
+    def write_documents(self, documents: list[Document], synth=None, generator=None, lora: LoraSpec | None = None,
+                        train_spec: TrainSpec | None = None, one_module: bool = False, progress: bool = True):
+        """Turn documents into synthetic training data (`synth`, a SynthSpec) and write one module per document,
+        or one for all with `one_module`. Yields (record, reports) as each module is committed.
+
+        Resumable: generated data is cached and a module already committed is not trained again, so running
+        the same write after an interruption continues where it stopped.
+        """
+        from loramem.synth import SynthSpec, synthesize
+
+        synth = synth or SynthSpec()
+        if not documents:
+            raise LoramemError("nothing to write: no documents")
+        for group in [documents] if one_module else [[d] for d in documents]:
+            examples, reports = [], []
+            for doc in group:
+                made, report = synthesize(doc, synth, generator)
+                examples += made
+                reports.append(report)
+            name = (group[0].title or group[0].id) if len(group) == 1 else f"documents-{len(group)}"
+            yield self.write(examples, lora, train_spec, name=name, progress=progress, documents=group), reports
+
     def examples(self, module: ModuleRecord) -> list[Example]:
-        path = self.store.module_dir(module.id) / EXAMPLES_FILE
-        return [Example(**json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines()]
+        return [Example(**row) for row in _read_jsonl(self.store.module_dir(module.id) / EXAMPLES_FILE)]
 
-    def ask(self, question: str, mode: str = "lora", module: str | None = None, max_new_tokens: int = 24) -> Answer:
-        return self.ask_many([question], mode, module, max_new_tokens)[0]
+    def documents(self, module: ModuleRecord) -> list[Document]:
+        """The documents a module was written from (none for modules written from facts)."""
+        return [Document(**row) for row in _read_jsonl(self.store.module_dir(module.id) / DOCUMENTS_FILE)]
 
-    def ask_many(self, questions: list[str], mode: str = "lora", module: str | None = None,
-                 max_new_tokens: int = 24, batch_size: int = 16) -> list[Answer]:
-        """Answer questions in batches: `base` (no module), `lora` (one module) or `icl` (its facts in the prompt)."""
-        if mode not in MODES:
-            raise LoramemError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    def context(self, module: ModuleRecord) -> str:
+        """What ICL puts in the prompt for a module: its documents, else its facts."""
+        documents = self.documents(module)
+        if documents:
+            return "\n\n".join(d.text for d in documents)
+        return "\n".join(e.prompt + e.answer for e in self.examples(module))
+
+    # --- routing keys and retrieval chunks -------------------------------------------------------------
+
+    def chunks(self, module: ModuleRecord) -> list[str]:
+        """A module's retrievable passages: its documents cut into encoder-sized token windows, else its facts."""
+        documents = self.documents(module)
+        if not documents:
+            return [e.prompt + e.answer for e in self.examples(module)]
+        tokenizer = self.base.tokenizer
+        return [c.text for d in documents for c in chunk_text(d.text, tokenizer, RAG_CHUNK_TOKENS, RAG_OVERLAP, d.id)]
+
+    def keys(self, module: ModuleRecord) -> list[str]:
+        """What a module is routed by: its passages, plus its own synthetic questions when it has documents."""
+        questions = [e.prompt for e in self.examples(module) if e.prompt.startswith("Question:")] \
+            if self.documents(module) else []
+        return self.chunks(module) + [q.removeprefix("Question:").removesuffix("Answer:").strip() for q in questions]
+
+    def router(self, kind: str = "dense") -> Router:
+        """A router over this memory's modules, built once per module set and kept under MEMORY/index/."""
+        modules = self._require_modules()
+        if kind == "oracle":
+            return make_router("oracle", {m.id: [m.name] for m in modules})
+        return self._cached_index(f"route-{kind}", modules, lambda: make_router(kind, {m.id: self.keys(m) for m in modules}))
+
+    def retriever(self, kind: str = "dense") -> Router:
+        """RAG: an index of every module's passages (ids "<module>:<n>")."""
+        kind = "dense" if kind == "oracle" else kind
+        modules = self._require_modules()
+        return self._cached_index(f"rag-{kind}", modules, lambda: make_router(
+            kind, {f"{m.id}:{n}": text for m in modules for n, text in enumerate(self.chunks(m))}))
+
+    def _cached_index(self, name: str, modules: list[ModuleRecord], build) -> Router:
+        digest = hashlib.sha256(json.dumps(sorted(m.id for m in modules)).encode()).hexdigest()[:12]
+        key = f"{name}-{digest}"
+        if key not in self._indexes:
+            folder = self.path / "index" / key
+            try:
+                self._indexes[key] = Router.load(folder)
+            except LoramemError:
+                self._indexes[key] = build()
+                try:
+                    self._indexes[key].save(folder)
+                except OSError:  # a read-only memory still answers; it rebuilds its index next time
+                    pass
+        return self._indexes[key]
+
+    def _require_modules(self) -> list[ModuleRecord]:
+        modules = self.modules()
+        if not modules:
+            raise LoramemError(f"{self.path} has no modules yet; write something first")
+        return modules
+
+    # --- asking ------------------------------------------------------------------------------------------
+
+    def ask(self, question: str, mode: str = "lora", **kw) -> Answer:
+        return self.ask_many([question], mode, **kw)[0]
+
+    def ask_many(self, questions: list[str], mode: str = "lora", module: str | None = None, router: str = "dense",
+                 top_k: int | None = None, merge: str = "ties", gold: list[str] | None = None, threshold: float | None = None,
+                 context: str | None = None, max_new_tokens: int = 24, batch_size: int = 16) -> list[Answer]:
+        """Answer questions in batches, in one of answer.MODES.
+
+        The weights: `base`, `lora` (one module: `module`, the only one, or the router's top 1) or `multi` (the
+        router's top_k merged by `merge`; top_k defaults to 3, or all modules when fewer). The context: none, `icl` (the chosen modules' documents, or the given
+        `context`) or `rag` (the top_k passages retrieved by `router`). `gold` names each question's module for the
+        oracle router; `threshold` makes the router abstain (answer with the base weights) below that score.
+        """
+        weights, extra = parse_mode(mode)
         if any(not q.strip() for q in questions):
             raise LoramemError("empty question")
         base = self.base
-        used = [] if mode == "base" else [self._pick(module)]
-        if mode == "icl":
-            context = "\n".join(e.prompt + e.answer for m in used for e in self.examples(m))
-            budget = base.model.config.max_position_embeddings - max_new_tokens - 64
-            context = fit_context(base.tokenizer, context, budget)
-            prompts = [icl_prompt(q, context) for q in questions]
-        else:
-            prompts = [closed_book_prompt(q) for q in questions]
-        kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size)
-        if mode == "lora":
-            with module_applied(base.model, self.store.module_dir(used[0].id)) as model:
-                texts, seconds = timed_generate(model, base.tokenizer, prompts, **kw)
-        else:
-            texts, seconds = timed_generate(base.model, base.tokenizer, prompts, **kw)
-        return [Answer(q, t.strip(), mode, [m.id for m in used], seconds) for q, t in zip(questions, texts)]
+        started = time.perf_counter()
+        picks = self._modules_for(questions, weights, extra, module, router, top_k, gold, threshold, context)
+        chunks = self._passages(questions, router, top_k) if extra == "rag" else [[] for _ in questions]
+        route_seconds = (time.perf_counter() - started) / len(questions)
+        budget = base.model.config.max_position_embeddings - max_new_tokens - 64
+        prompts = []
+        for question, hits, passages in zip(questions, picks, chunks):
+            if extra == "icl":
+                text = context if context is not None else "\n\n".join(self.context(self.store.get(h.id)) for h in hits)
+                prompts.append(icl_prompt(question, fit_context(base.tokenizer, text, budget)))
+            elif extra == "rag":
+                text = "\n\n".join(self._passage_text(h.id) for h in passages)
+                prompts.append(icl_prompt(question, fit_context(base.tokenizer, text, budget)))
+            else:
+                prompts.append(closed_book_prompt(question))
+        answers: list[Answer | None] = [None] * len(questions)
+        in_weights = picks if weights != "base" else [[] for _ in questions]
+        for ids, members in _group_by_modules(in_weights).items():
+            timing = Timing()
+            with self._weights_applied(ids, merge, timing) as model:
+                texts = generate(model, base.tokenizer, [prompts[i] for i in members], max_new_tokens, batch_size,
+                                 timing=timing)
+            per_question = timing.share(len(members))
+            per_question.route = route_seconds
+            for i, text in zip(members, texts):
+                answers[i] = Answer(
+                    questions[i], text.strip(), mode, [h.id for h in picks[i]], seconds=per_question.total,
+                    module_scores=[h.score for h in picks[i]],
+                    chunks=[{"id": h.id, "score": h.score} for h in chunks[i]], timing=asdict(per_question),
+                )
+        return answers
 
-    def _pick(self, module: str | None) -> ModuleRecord:
-        modules = self.modules()
-        if not modules:
-            raise LoramemError(f"{self.path} has no modules yet; write some facts first")
+    def _modules_for(self, questions, weights, extra, module, router, top_k, gold, threshold, context) -> list[list[Hit]]:
+        """The modules each question is answered with (weights) or whose documents go into its prompt (icl)."""
+        wants_modules = weights != "base" or (extra == "icl" and context is None)
+        if not wants_modules:
+            return [[] for _ in questions]
+        modules = self._require_modules()
         if module is not None:
-            return self.store.get(module)
-        if len(modules) > 1:
-            raise LoramemError(f"{self.path} has {len(modules)} modules; choose one with --module")
-        return modules[0]
+            return [[Hit(self.store.get(module).id, 1.0)] for _ in questions]
+        k = 1 if weights == "lora" else (top_k if top_k is not None else min(DEFAULT_TOP_K, len(modules)))
+        if len(modules) == 1 and k == 1:
+            return [[Hit(modules[0].id, 1.0)] for _ in questions]
+        return self.router(router).route(questions, k, gold=gold, threshold=threshold)
+
+    def _passages(self, questions: list[str], router: str, top_k: int | None) -> list[list[Hit]]:
+        retriever = self.retriever(router)
+        return retriever.route(questions, top_k if top_k is not None else min(DEFAULT_TOP_K, len(retriever.modules)))
+
+    def _passage_text(self, chunk_id: str) -> str:
+        module_id, _, number = chunk_id.rpartition(":")
+        return self.chunks(self.store.get(module_id))[int(number)]
+
+    @contextmanager
+    def _weights_applied(self, module_ids: tuple[str, ...], method: str, timing: Timing):
+        started = time.perf_counter()
+        if not module_ids:
+            yield self.base.model
+            return
+        folders = [self.store.module_dir(i) for i in module_ids]
+        with (module_applied(self.base.model, folders[0]) if len(folders) == 1
+              else modules_applied(self.base.model, folders, method, cache=self._merge_cache)) as model:
+            timing.merge += time.perf_counter() - started
+            yield model
+
+
+def _group_by_modules(picks: list[list[Hit]]) -> dict[tuple[str, ...], list[int]]:
+    """Question positions grouped by the module set they are answered with, so each set is merged once."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, hits in enumerate(picks):
+        groups.setdefault(tuple(h.id for h in hits), []).append(i)
+    return groups
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]

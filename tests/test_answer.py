@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from loramem.answer import module_applied, modules_applied
+from loramem.config import LoraSpec
+from loramem.errors import LoramemError
+from loramem.merge import MergeCache
+from loramem.train import attached, save_adapter
+
+
+def _random_module(tiny, folder, seed: int, **spec):
+    with attached(tiny.model, LoraSpec(rank=4, **spec), seed=seed) as peft_model:
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.data = torch.randn(p.shape, generator=gen) * 0.05
+        save_adapter(peft_model, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("modules")
+    return [_random_module(tiny, root / f"m{i}", seed=i) for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def ids(tiny):
+    return tiny.tokenizer("Question: Who wrote the letter? Answer:", return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def _logits(model, ids):
+    return model(input_ids=ids).logits
+
+
+def test_linear_and_cat_average_the_modules(tiny, folders, ids):
+    with modules_applied(tiny.model, folders, "linear") as m:
+        linear = _logits(m, ids)
+    with modules_applied(tiny.model, folders, "cat") as m:
+        cat = _logits(m, ids)
+    with modules_applied(tiny.model, folders, "ties", density=1.0, weights=[1 / 3] * 3) as m:
+        ties_dense = _logits(m, ids)
+    base = _logits(tiny.model, ids)
+    assert torch.allclose(linear, cat, atol=1e-5)
+    assert not torch.allclose(linear, base, atol=1e-3)
+    # TIES keeps every entry at density 1, but still drops entries whose sign lost the election.
+    assert not torch.allclose(ties_dense, linear, atol=1e-5)
+
+
+def test_one_module_merged_alone_is_the_module(tiny, folders, ids):
+    with module_applied(tiny.model, folders[0]) as m:
+        single = _logits(m, ids)
+    with modules_applied(tiny.model, folders[:1], "linear") as m:
+        assert torch.equal(_logits(m, ids), single)
+    with modules_applied(tiny.model, folders[:1], "ties", density=1.0) as m:
+        assert torch.allclose(_logits(m, ids), single, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_linear", "dare_ties", "magnitude_prune", "cat"])
+def test_weights_restored_bit_for_bit(tiny, folders, method):
+    before = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
+    with modules_applied(tiny.model, folders, method):
+        changed = any(not torch.equal(p, before[n]) for n, p in tiny.model.named_parameters())
+    assert changed
+    assert all(torch.equal(p, before[n]) for n, p in tiny.model.named_parameters())
+
+
+def test_merges_are_cached(tiny, folders, ids):
+    cache = MergeCache(maxsize=2)
+    with modules_applied(tiny.model, folders, "ties", cache=cache) as m:
+        first = _logits(m, ids)
+    assert len(cache) == 1
+    with modules_applied(tiny.model, folders, "ties", cache=cache) as m:
+        assert torch.equal(_logits(m, ids), first)
+    with modules_applied(tiny.model, folders, "ties", cache=cache, density=0.2):
+        pass
+    assert len(cache) == 2
+
+
+def test_bad_merges(tiny, folders, tmp_path):
+    with pytest.raises(LoramemError, match="unknown merge method"):
+        with modules_applied(tiny.model, folders, "average"):
+            pass
+    with pytest.raises(LoramemError, match="no parameter"):
+        with modules_applied(tiny.model, folders, "ties", sharpness=2):
+            pass
+    dora = _random_module(tiny, tmp_path / "dora", seed=9, dora=True)
+    with pytest.raises(LoramemError, match="DoRA"):
+        with modules_applied(tiny.model, [folders[0], dora], "ties"):
+            pass
