@@ -55,7 +55,16 @@ def _print_json(obj) -> None:
 @app.command()
 def write(
     memory: Path = typer.Argument(..., help="memory folder (created on first write)"),
-    files: list[Path] = typer.Argument(None, help="facts files: one fact per line"),
+    files: list[Path] = typer.Argument(None, help="facts files (one fact per line), or documents and folders with --format"),
+    fmt: str = typer.Option("facts", "--format", help="facts, or synthetic data from documents: original, qa, "
+                            "summary, rewrite or a mix like qa+summary"),
+    questions: int = typer.Option(40, help="QA pairs asked for per document or chunk"),
+    summaries: int = typer.Option(1), rewrites: int = typer.Option(1),
+    one_module: bool = typer.Option(False, "--one-module", help="one module for all documents"),
+    strict: bool = typer.Option(False, help="stop at an unreadable or empty document instead of skipping it"),
+    generator: str = typer.Option("hf", help="hf (a local chat model) or openai (an OpenAI-compatible endpoint)"),
+    generator_model: Optional[str] = typer.Option(None, help="hf: model (default: the memory's); openai: model name"),
+    base_url: Optional[str] = typer.Option(None, help="openai: endpoint (default $LORAMEM_OPENAI_BASE_URL)"),
     phonebook: Optional[str] = typer.Option(None, help="write a PhoneBook of this size (1K, 8K...) instead"),
     data_dir: Optional[Path] = DataDirOpt,
     model: Optional[str] = ModelOpt,
@@ -73,12 +82,37 @@ def write(
     name: Optional[str] = typer.Option(None, help="module name"),
     as_json: bool = typer.Option(False, "--json"),
 ):
-    """Train one memory module on facts and commit it into MEMORY."""
+    """Train memory modules on facts or documents and commit them into MEMORY."""
     from loramem.bench import phonebook as pb
     from loramem.memory import Memory, facts_from_file
 
     lora, train_spec = _specs(rank, alpha, targets, layers, lr, epochs, batch_size, seed, loss_on, target_recall,
                               variants)
+    if fmt != "facts":
+        if phonebook or not files:
+            raise LoramemError("--format writes documents: give files or folders (not --phonebook)")
+        from loramem.corpus import read_documents
+        from loramem.synth import SynthSpec, parse_formats
+
+        synth = SynthSpec(formats=parse_formats(fmt), questions=questions, summaries=summaries, rewrites=rewrites,
+                          seed=seed)
+        docs, skipped = read_documents(files, strict=strict)
+        for where, reason in skipped:
+            console.print(f"[yellow]skipped[/] {where}: {reason}", highlight=False)
+        if not docs:
+            raise LoramemError(f"no readable documents in {', '.join(map(str, files))} ({len(skipped)} skipped)")
+        mem = Memory.open(memory, model=model, create=True)
+        gen = _generator(generator, generator_model, base_url, mem) if set(synth.formats) != {"original"} else None
+        rows = []
+        for i, (record, reports) in enumerate(mem.write_documents(docs, synth, gen, lora, train_spec, one_module,
+                                                                  progress=not as_json), 1):
+            rows.append(_written(record) | {"synthesized": sum(sum(r.produced.values()) for r in reports)})
+            if not as_json:
+                console.print(f"[{i}/{len(docs) if not one_module else 1}] {record.name}: {record.n_examples} "
+                              f"examples, recall {record.recall:.0%}, {record.train_seconds:.0f} s", highlight=False)
+        out = {"memory": str(memory), "documents": len(docs), "skipped": len(skipped), "modules": rows}
+        _print_json(out) if as_json else _table(f"wrote {memory}", rows)
+        return
     if phonebook:
         examples = pb.examples(pb.load(phonebook, data_dir))
     elif files:
@@ -87,17 +121,37 @@ def write(
         raise LoramemError("give facts files or --phonebook SIZE")
     mem = Memory.open(memory, model=model, create=True)
     record = mem.write(examples, lora=lora, train_spec=train_spec, name=name or (f"phonebook-{phonebook}" if phonebook else None))
-    summary = {"module": record.id, "name": record.name, "facts": record.n_examples, "recall": record.recall,
-               "train_seconds": record.train_seconds, "trainable_params": record.trainable_params}
+    summary = _written(record)
     _print_json(summary) if as_json else _table(f"wrote {memory}", [summary])
+
+
+def _written(record) -> dict:
+    return {"module": record.id, "name": record.name, "facts": record.n_examples, "recall": record.recall,
+            "train_seconds": record.train_seconds, "trainable_params": record.trainable_params}
+
+
+def _generator(kind: str, model: str | None, base_url: str | None, memory):
+    """The synthetic-data generator: a local chat model (default: the memory's own) or an OpenAI-compatible endpoint."""
+    from loramem.synth import HFGenerator, OpenAIGenerator
+
+    if kind == "hf":
+        return HFGenerator(memory.base if model is None or model == memory.model_name else model)
+    if kind == "openai":
+        return OpenAIGenerator(base_url=base_url, model=model)
+    raise LoramemError(f"unknown generator {kind!r}: choose hf or openai")
 
 
 @app.command()
 def ask(
     memory: Path = typer.Argument(...),
     question: str = typer.Argument(...),
-    mode: str = typer.Option("lora", help="base, lora or icl"),
-    module: Optional[str] = typer.Option(None, help="module id or name (default: the only one)"),
+    mode: str = typer.Option("lora", help="base, icl, rag, lora, multi, or a module mode with context: lora+icl, "
+                             "lora+rag, multi+icl, multi+rag"),
+    module: Optional[str] = typer.Option(None, help="module id or name (default: the only one, or the router's pick)"),
+    router: str = typer.Option("dense", help="dense, bm25 or hybrid"),
+    top_k: Optional[int] = typer.Option(None, help="modules merged (multi) and passages retrieved (rag); default 3"),
+    merge: str = typer.Option("ties", help="linear, cat, ties, dare_linear, dare_ties or magnitude_prune"),
+    threshold: Optional[float] = typer.Option(None, help="abstain (no module) below this router score"),
     model: Optional[str] = ModelOpt,
     max_new_tokens: int = typer.Option(24),
     as_json: bool = typer.Option(False, "--json"),
@@ -105,8 +159,11 @@ def ask(
     """Ask MEMORY a question."""
     from loramem.memory import Memory
 
-    answer = Memory.open(memory, model=model).ask(question, mode=mode, module=module, max_new_tokens=max_new_tokens)
-    _print_json(answer.to_dict()) if as_json else console.print(answer.text)
+    answer = Memory.open(memory, model=model).ask(
+        question, mode=mode, module=module, router=router, top_k=top_k, merge=merge, threshold=threshold,
+        max_new_tokens=max_new_tokens,
+    )
+    _print_json(answer.to_dict()) if as_json else console.print(answer.text, highlight=False)
 
 
 @app.command()
@@ -152,6 +209,90 @@ def bench_phonebook(
         mem = Memory.open(memory or Path(tmp) / "memory", model=model, create=True)
         result = pb.run(mem, size, lora, train_spec, data_dir, progress=not as_json)
     _print_json(result) if as_json else _table("PhoneBook", [result])
+
+
+@bench_app.command("sectors")
+def bench_sectors(
+    source: str = typer.Option("128K", help="the phonebook the sectors are cut from"),
+    sector: str = typer.Option("8K", help="tokens per sector (the paper: 8K)"),
+    count: int = typer.Option(8, help="number of sectors"),
+    rank: int = typer.Option(4, help="rank of each sector's module; the single module gets rank x count"),
+    targets: str = typer.Option("all"),
+    layers: str = typer.Option("all"),
+    lr: float = typer.Option(TrainSpec.lr),
+    epochs: int = typer.Option(TrainSpec.epochs),
+    context_questions: int = typer.Option(48, help="questions scored for ICL and RAG (long prompts are slow)"),
+    model: Optional[str] = ModelOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+    memory: Optional[Path] = typer.Option(None, help="keep the modules in this memory (reruns reuse them)"),
+    out: Optional[Path] = typer.Option(None, help="also save the result as JSON here"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Multi-module PhoneBook: a module per sector (oracle and routed) against one big module, ICL and RAG."""
+    from loramem.bench import phonebook as pb
+    from loramem.memory import Memory
+
+    lora, train_spec = _specs(rank, None, targets, layers, lr, epochs, 8, 0, "answer", 1.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        mem = Memory.open(memory or Path(tmp) / "sectors", model=model, create=True)
+        result = pb.run_sectors(mem, source, sector, count, rank, lora, train_spec, context_questions, data_dir,
+                                progress=not as_json)
+    _emit(result, out, as_json, f"PhoneBook: {count} sectors of {sector} from {source}",
+          ("setting", "exact_match", "questions", "seconds_per_question"))
+
+
+def _emit(result: dict, out: Path | None, as_json: bool, title: str, columns: tuple[str, ...]) -> None:
+    """Print a study's rows as a table (or the whole result as JSON), and save it as JSON when asked."""
+    if out:
+        out.write_text(json.dumps(result, indent=1))
+    if as_json:
+        _print_json(result)
+    else:
+        _table(title, [{k: row[k] for k in columns if k in row} for row in result["rows"]])
+
+
+@bench_app.command("paperqa")
+def bench_paperqa(
+    fmt: list[str] = typer.Option(["qa"], "--format", help="training formats to compare (repeat the flag): "
+                                  "original, qa, summary+qa, rewrite+qa, original+summary+rewrite+qa"),
+    papers: Optional[str] = typer.Option(None, help="a subset of the 15 papers by position: 0-4 or 0,3,7"),
+    questions: int = typer.Option(40, help="synthetic QA pairs asked for per paper"),
+    rank: int = typer.Option(16),
+    targets: str = typer.Option("all"),
+    layers: str = typer.Option("all"),
+    lr: float = typer.Option(TrainSpec.lr),
+    epochs: int = typer.Option(TrainSpec.epochs),
+    baselines: bool = typer.Option(True, help="also score the base model alone and with the introduction in the prompt"),
+    generator: str = typer.Option("hf", help="synthetic data: hf (local chat model) or openai"),
+    generator_model: Optional[str] = typer.Option(None),
+    base_url: Optional[str] = typer.Option(None),
+    judge_model: Optional[str] = typer.Option(None, help="score answers with this model at the OpenAI-compatible "
+                                              "endpoint too (0-10 rubric)"),
+    model: Optional[str] = ModelOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+    memory: Optional[Path] = typer.Option(None, help="keep the modules in this memory (reruns reuse them)"),
+    out: Optional[Path] = typer.Option(None, help="also save the result as JSON here"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """The paper's format table: each paper's introduction written into a module in each format, its 30
+    questions scored by ROUGE-L, BLEU, token F1 (and the judge)."""
+    from loramem.bench import paperqa
+    from loramem.bench.judge import Judge
+    from loramem.memory import Memory
+    from loramem.synth import OpenAIGenerator, SynthSpec, parse_formats
+
+    for f in fmt:
+        parse_formats(f)
+    chosen = paperqa.load(data_dir, papers)
+    lora, train_spec = _specs(rank, None, targets, layers, lr, epochs, 8, 0, "answer", 1.0)
+    judge = Judge(OpenAIGenerator(base_url=base_url, model=judge_model)) if judge_model else None
+    with tempfile.TemporaryDirectory() as tmp:
+        mem = Memory.open(memory or Path(tmp) / "memory", model=model, create=True)
+        gen = _generator(generator, generator_model, base_url, mem)
+        result = paperqa.run(mem, chosen, fmt, SynthSpec(questions=questions), gen, lora, train_spec,
+                             baselines=baselines, judge=judge, progress=not as_json)
+    _emit(result, out, as_json, f"PaperQA: {len(chosen)} papers, {result['questions']} questions, rank {rank}",
+          ("format", "train_tokens", "rouge_l", "bleu", "f1", "judge"))
 
 
 @app.command()

@@ -58,3 +58,25 @@ def test_scoring_regex(text, match):
 
 def test_bits_per_number():
     assert pb.BITS_PER_NUMBER == pytest.approx(10 * math.log2(10))
+
+
+def test_sectors_study_on_the_tiny_model(tiny, tmp_path):
+    from loramem import LoraSpec, Memory, TrainSpec
+
+    memory = Memory.open(tmp_path / "sectors.mem", create=True, base=tiny)
+    result = pb.run_sectors(memory, source="1K", sector_size="0.1K", count=2, rank=8, lora=LoraSpec(rank=8),
+                            train_spec=TrainSpec(lr=1e-2, epochs=80, batch_size=2), context_questions=4,
+                            progress=False)
+    settings = [row["setting"] for row in result["rows"]]
+    assert settings[0].endswith("oracle routing") and "single (rank 16)" in settings
+    assert result["rows"][0]["questions"] == 10 and result["rows"][-1]["questions"] == 4
+    assert result["rows"][0]["exact_match"] > 0.5  # each 5-fact sector is learnt by its own module
+    assert set(result["routing"]) == {"bm25", "dense", "hybrid"}
+    assert result["routing"]["bm25"]["recall@1"] == 1.0  # names are rare words: BM25 finds their sector
+    assert len(memory.modules()) == 2
+
+
+def test_sectors_need_enough_entries():
+    entries = pb.generate(10)
+    with pytest.raises(LoramemError, match="need"):
+        pb.sectors(entries, "1K", 2)

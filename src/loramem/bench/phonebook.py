@@ -129,3 +129,60 @@ def run(memory, size: str = "1K", lora: LoraSpec | None = None, train_spec: Trai
         "seconds_per_question": seconds,
         "module": record.id,
     }
+
+
+def sectors(entries: list[Entry], sector_size: str, count: int) -> list[list[Entry]]:
+    """The first `count` consecutive sectors of `sector_size` tokens (the paper's 8K-token shards)."""
+    per_sector = max(1, round(parse_size(sector_size) / 1000 * ENTRIES_PER_K))
+    if count < 1 or per_sector * count > len(entries):
+        raise LoramemError(f"{count} sectors of {sector_size} need {per_sector * count} entries; the phonebook has "
+                           f"{len(entries)}")
+    return [entries[i * per_sector:(i + 1) * per_sector] for i in range(count)]
+
+
+def _scored(memory, entries: list[Entry], **ask) -> dict:
+    answers = memory.ask_many([e.question for e in entries], **ask)
+    hits = [phone_exact_match(a.text, e.phone) for a, e in zip(answers, entries)]
+    return {"exact_match": sum(hits) / len(hits), "questions": len(hits),
+            "seconds_per_question": sum(a.seconds for a in answers) / len(answers)}
+
+
+def run_sectors(memory, source: str = "128K", sector_size: str = "8K", count: int = 8, rank: int = 4,
+                lora: LoraSpec | None = None, train_spec: TrainSpec | None = None, context_questions: int = 48,
+                data_dir: str | Path | None = None, progress: bool = True) -> dict:
+    """The paper's multi-module PhoneBook: one rank-`rank` module per sector against one module of rank
+    rank x count on all sectors, ICL (all facts in the prompt) and RAG; module routing by oracle and routers.
+
+    ICL and RAG rows are scored on an even sample of `context_questions` questions (long prompts are slow here).
+    """
+    from dataclasses import replace
+
+    from loramem.route import recall_at_k
+
+    lora = replace(lora or LoraSpec(), rank=rank)
+    parts = sectors(load(source, data_dir), sector_size, count)
+    everything = [e for part in parts for e in part]
+    modules = [memory.write(examples(part), lora, train_spec, name=f"sector-{i}", progress=progress)
+               for i, part in enumerate(parts)]
+    gold = [m.id for m, part in zip(modules, parts) for _ in part]
+    # The single module lives in a memory of its own, so routing and retrieval see only the sectors.
+    alone = type(memory).open(memory.path.with_name(memory.path.name + "-single"), create=True, base=memory.base)
+    single = alone.write(examples(everything), replace(lora, rank=rank * count), train_spec,
+                         name=f"single-{count}x{sector_size}", progress=progress)
+    sample = everything[:: max(1, len(everything) // context_questions)][:context_questions]
+    rows = [{"setting": f"multi ({count} x rank {rank}), oracle routing",
+             **_scored(memory, everything, mode="lora", router="oracle", gold=gold)}]
+    routing = {}
+    for router in ("bm25", "dense", "hybrid"):
+        ranked = memory.router(router).route([e.question for e in everything], min(3, count))
+        routing[router] = {"recall@1": recall_at_k(ranked, gold, 1), "recall@3": recall_at_k(ranked, gold, 3)}
+        rows.append({"setting": f"multi ({count} x rank {rank}), {router} routing",
+                     **_scored(memory, everything, mode="lora", router=router)})
+    rows.append({"setting": f"single (rank {rank * count})", **_scored(alone, everything, mode="lora")})
+    facts = "\n".join(e.line for e in everything)
+    rows.append({"setting": "icl (all facts in the prompt)", **_scored(memory, sample, mode="icl", context=facts)})
+    rows.append({"setting": "rag (top 3 facts, bm25)", **_scored(memory, sample, mode="rag", router="bm25", top_k=3)})
+    return {"source": source, "sector_size": sector_size, "sectors": count, "entries": len(everything),
+            "rank": rank, "layers": lora.layers, "targets": lora.targets, "rows": rows, "routing": routing,
+            "train_seconds": {"sectors": sum(m.train_seconds or 0 for m in modules),
+                              "single": single.train_seconds}}
