@@ -169,7 +169,8 @@ def answer_latency(base, rank: int, reps: int) -> dict:
     it (answer.module_applied), and the same module through PEFT unmerged."""
     import tempfile
 
-    from loramem.answer import module_applied
+    from loramem.answer import module_applied, modules_applied
+    from loramem.merge import MergeCache
     from loramem.train import save_adapter
 
     enc = base.tokenizer([closed_book_prompt("What is the phone number of Jeffrey Buck?")], return_tensors="pt")
@@ -183,6 +184,12 @@ def answer_latency(base, rank: int, reps: int) -> dict:
         with module_applied(base.model, folder) as model:
             answer(model)
 
+    cache = MergeCache(maxsize=1)
+
+    def cached_answer():  # the module's merged weights kept from the previous question (Memory's merge cache)
+        with modules_applied(base.model, [folder], "linear", cache=cache) as model:
+            answer(model)
+
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         with attached(base.model, LoraSpec(rank=rank)) as model:
@@ -191,8 +198,10 @@ def answer_latency(base, rank: int, reps: int) -> dict:
             unmerged = _median(lambda: answer(model), reps)
         plain = _median(lambda: answer(base.model), reps)
         merged = _median(merged_answer, reps)
-    return {"base_s": plain, "merged_module_s": merged, "peft_unmerged_s": unmerged,
-            "merged_over_base": merged / plain, "unmerged_over_base": unmerged / plain}
+        cached = _median(cached_answer, reps)
+    return {"base_s": plain, "merged_module_s": merged, "cached_module_s": cached, "peft_unmerged_s": unmerged,
+            "merged_over_base": merged / plain, "cached_over_base": cached / plain,
+            "unmerged_over_base": unmerged / plain}
 
 
 def merge_latency(base, rank: int, reps: int) -> dict:
@@ -200,7 +209,7 @@ def merge_latency(base, rank: int, reps: int) -> dict:
     (factors -> full deltas -> merged deltas), and to apply + revert the result."""
     from peft import get_peft_model_state_dict
 
-    from loramem.merge import METHODS, applied, lora_deltas, merge
+    from loramem.merge import METHODS, applied, lora_deltas, merge, merged_weights
 
     spec = LoraSpec(rank=rank)
     scale = spec.lora_alpha / rank
@@ -224,6 +233,13 @@ def merge_latency(base, rank: int, reps: int) -> dict:
             pass
 
     out["apply_and_revert_s"] = _median(apply_revert, reps)
+    cached = merged_weights(base.model, deltas=merged)  # what Memory's merge cache keeps for a module set
+
+    def reuse():
+        with applied(base.model, weights=cached):
+            pass
+
+    out["cached_apply_and_revert_s"] = _median(reuse, reps)
     return out
 
 

@@ -68,11 +68,13 @@ def test_weights_restored_bit_for_bit(tiny, folders, method):
 
 def test_merges_are_cached(tiny, folders, ids):
     cache = MergeCache(maxsize=2)
+    name = "model.layers.0.mlp.down_proj.weight"
     with modules_applied(tiny.model, folders, "ties", cache=cache) as m:
-        first = _logits(m, ids)
-    assert len(cache) == 1
+        first, pointer = _logits(m, ids), m.get_parameter(name).data_ptr()
+    assert len(cache) == 1 and tiny.model.get_parameter(name).data_ptr() != pointer
     with modules_applied(tiny.model, folders, "ties", cache=cache) as m:
         assert torch.equal(_logits(m, ids), first)
+        assert m.get_parameter(name).data_ptr() == pointer  # the cached merged weight, swapped in as it is
     with modules_applied(tiny.model, folders, "ties", cache=cache, density=0.2):
         pass
     assert len(cache) == 2

@@ -132,6 +132,13 @@ def adapter_scale(config: dict) -> float:
     return alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
 
 
+def adapter_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise LoramemError(f"cannot read adapter config in {folder}: {str(err).splitlines()[0]}") from None
+
+
 def read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """An adapter's config and tensors, from safetensors only (pickle files are never loaded)."""
     from safetensors import SafetensorError
@@ -186,35 +193,37 @@ def modules_applied(model: torch.nn.Module, folders: list[Path], method: str = "
                     weights: list[float] | None = None, cache=None, **params):
     """Run the block with several modules merged into `model` (in place, reverted exactly afterwards).
 
-    `linear` and `cat` are applied from concatenated factors (exact, no dense delta is formed); the other
-    methods merge dense deltas, memoised in `cache` (a merge.MergeCache) by module set, weights and params.
+    `linear` and `cat` are computed from concatenated factors (exact, no dense delta is formed), the other
+    methods from dense deltas. With a `cache` (a merge.MergeCache) the merged weights are kept by module set,
+    weights, method and params, so asking the same set again only swaps tensor pointers.
     """
-    from loramem.merge import applied, cat_factors, lora_deltas, lora_factors, merge, merge_key
+    from loramem.merge import applied, cat_factors, lora_deltas, lora_factors, merge, merge_key, merged_weights
 
     if method not in MERGE_METHODS:
         raise LoramemError(f"unknown merge method {method!r}; choose one of {', '.join(MERGE_METHODS)}")
-    if len(folders) == 1 and method in ("linear", "cat") and weights is None:
+    one_as_is = len(folders) == 1 and method in ("linear", "cat") and weights is None
+    if one_as_is and (cache is None or adapter_config(folders[0]).get("use_dora")):
         with module_applied(model, folders[0]) as one:  # averaging one module is the module
             yield one
         return
     weights = list(weights) if weights is not None else default_weights(method, len(folders))
-    if method not in ("linear", "cat"):
+    by_factors = method in ("linear", "cat")
+    if not by_factors:
         params = {"density": DEFAULT_DENSITY} | params
-    adapters = [read_adapter(folder) for folder in folders]
-    if any(config.get("use_dora") for config, _ in adapters):
+    if any(adapter_config(f).get("use_dora") for f in folders):
         raise LoramemError("DoRA modules cannot be merged (their update is not a weight delta); answer with one")
-    if method in ("linear", "cat"):
-        factors = cat_factors([lora_factors(t, adapter_scale(c)) for c, t in adapters], weights)
-        with applied(model, factors=factors):
-            yield model
-        return
+    ids = [str(f) for f in folders]
+    key = ("factors", tuple(ids), tuple(weights), method) if by_factors else merge_key(ids, weights, method, params)
 
-    def compute():
-        return merge([lora_deltas(t, adapter_scale(c)) for c, t in adapters], method, weights, **params)
+    def compute() -> dict[str, torch.Tensor]:
+        adapters = [read_adapter(folder) for folder in folders]
+        if by_factors:
+            return merged_weights(model, factors=cat_factors([lora_factors(t, adapter_scale(c)) for c, t in adapters],
+                                                             weights))
+        deltas = merge([lora_deltas(t, adapter_scale(c)) for c, t in adapters], method, weights, **params)
+        return merged_weights(model, deltas=deltas)
 
-    key = merge_key([str(f) for f in folders], weights, method, params)
-    deltas = cache.get_or_compute(key, compute) if cache is not None else compute()
-    with applied(model, deltas=deltas):
+    with applied(model, weights=cache.get_or_compute(key, compute) if cache is not None else compute()):
         yield model
 
 

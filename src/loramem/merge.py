@@ -311,36 +311,49 @@ def _parameter(model: torch.nn.Module, name: str, shape: tuple[int, ...]) -> tor
     return param
 
 
-def apply_in_place(model: torch.nn.Module, deltas: Deltas) -> Applied:
-    """Add each dW to its base weight, summing in fp32 and rounding once to the weight's dtype.
+def merged_weights(model: torch.nn.Module, deltas: Deltas | None = None,
+                   factors: Factors | None = None) -> dict[str, torch.Tensor]:
+    """W + dW for every weight a merge touches, summed in fp32 and rounded once to the weight's dtype; the
+    model is not changed. One module's `factors` (A, B, scale) give W + s * B @ A as one fused addmm per
+    weight, without forming dW. Every name and shape is checked before anything is computed."""
+    if factors is not None:
+        shapes = {name: (b.shape[0], a.shape[1]) for name, (a, b, _) in factors.items()}
+    else:
+        shapes = {name: dw.shape for name, dw in deltas.items()}
+    params = {name: _parameter(model, name, shape) for name, shape in shapes.items()}
+    out = {}
+    with torch.no_grad():
+        for name, p in params.items():
+            if factors is not None:
+                a, b, scale = factors[name]
+                merged = torch.addmm(p.float(), b.to(p.device, torch.float32), a.to(p.device, torch.float32),
+                                     alpha=scale)
+            else:
+                merged = p.float() + deltas[name].to(p.device, torch.float32)
+            out[name] = merged.to(p.dtype)
+    return out
 
-    Each weight's storage is swapped for a new tensor and the original tensor is kept as it is (no
-    copy), so `revert` restores it bit for bit: (W + dW) - dW is not W in floating point. Every name
-    and shape is checked before the first write, so an error leaves the model untouched.
-    """
-    params = {name: _parameter(model, name, dw.shape) for name, dw in deltas.items()}
-    return _swap(params, lambda name, p: p.float() + deltas[name].to(p.device, torch.float32))
+
+def swap_in(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> Applied:
+    """Point each named weight at the given tensor, keeping the original tensor (no copy) for `revert`, which
+    therefore restores it bit for bit ((W + dW) - dW is not W in floating point). Swapping a cached
+    `merged_weights` result back in costs microseconds per weight."""
+    params = {name: _parameter(model, name, w.shape) for name, w in weights.items()}
+    handle = Applied({})
+    for name, p in params.items():
+        handle.originals[name] = p.data
+        p.data = weights[name]
+    return handle
+
+
+def apply_in_place(model: torch.nn.Module, deltas: Deltas) -> Applied:
+    """Add each dW to its base weight (see merged_weights and swap_in)."""
+    return swap_in(model, merged_weights(model, deltas=deltas))
 
 
 def apply_factors_in_place(model: torch.nn.Module, factors: Factors) -> Applied:
-    """Like `apply_in_place` for one module's (A, B, scale), without materialising dW: W + s * B @ A
-    is one fused addmm per weight, which makes answering with a single module cost about a base answer."""
-    params = {name: _parameter(model, name, (b.shape[0], a.shape[1])) for name, (a, b, _) in factors.items()}
-
-    def merged(name: str, p: torch.Tensor) -> torch.Tensor:
-        a, b, scale = factors[name]
-        return torch.addmm(p.float(), b.to(p.device, torch.float32), a.to(p.device, torch.float32), alpha=scale)
-
-    return _swap(params, merged)
-
-
-def _swap(params: dict[str, torch.nn.Parameter], new_value) -> Applied:
-    handle = Applied({})
-    with torch.no_grad():
-        for name, p in params.items():
-            handle.originals[name] = p.data
-            p.data = new_value(name, p).to(p.dtype)
-    return handle
+    """Like `apply_in_place` for one module's (A, B, scale), without materialising dW."""
+    return swap_in(model, merged_weights(model, factors=factors))
 
 
 def revert(model: torch.nn.Module, handle: Applied) -> None:
@@ -351,10 +364,11 @@ def revert(model: torch.nn.Module, handle: Applied) -> None:
 
 
 @contextlib.contextmanager
-def applied(model: torch.nn.Module, deltas: Deltas | None = None, factors: Factors | None = None) -> Iterator[torch.nn.Module]:
-    """Run a block with `deltas` (or one module's `factors`) added to the model; restored afterwards even
-    if the block raises."""
-    handle = apply_in_place(model, deltas) if factors is None else apply_factors_in_place(model, factors)
+def applied(model: torch.nn.Module, deltas: Deltas | None = None, factors: Factors | None = None,
+            weights: dict[str, torch.Tensor] | None = None) -> Iterator[torch.nn.Module]:
+    """Run a block with `deltas`, one module's `factors`, or precomputed merged `weights` in the model;
+    restored afterwards even if the block raises."""
+    handle = swap_in(model, weights if weights is not None else merged_weights(model, deltas, factors))
     try:
         yield model
     finally:
