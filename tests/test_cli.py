@@ -65,3 +65,37 @@ def test_write_into_another_models_memory_is_refused(memory, tmp_path):
     (tmp_path / "f.txt").write_text(FACTS)
     out = loramem("write", memory, tmp_path / "f.txt", "--model", "smollm2-135m")
     assert out.returncode == 2 and "different model" in out.stderr
+
+
+def test_write_documents_one_module_each_then_resume(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("# Gears\nZorblat engines use quantum gears built in Oslo.\n")
+    (docs / "b.txt").write_text("Mira Tan designed the first Quix engine in 1984.\n")
+    (docs / "empty.txt").write_text("")
+    args = ("write", tmp_path / "docs.mem", docs, "--format", "original", "--model", "tiny", "--rank", "4",
+            "--epochs", "2", "--json")
+    out = loramem(*args)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["documents"] == 2 and result["skipped"] == 1 and len(result["modules"]) == 2
+    assert {m["name"] for m in result["modules"]} == {"Gears", "b"}
+    again = json.loads(loramem(*args).stdout)  # nothing left to do: the same modules, not retrained
+    assert [m["module"] for m in again["modules"]] == [m["module"] for m in result["modules"]]
+    ask = loramem("ask", tmp_path / "docs.mem", "Who designed the Quix engine?", "--mode", "icl", "--router", "bm25",
+                  "--top-k", "1", "--json")
+    assert ask.returncode == 0, ask.stderr
+    assert json.loads(ask.stdout)["modules"] == [m["module"] for m in result["modules"] if m["name"] == "b"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--format", "poetry"], "unknown format"),
+    (["--format", "qa", "--generator", "telegraph"], "unknown generator"),
+    (["--format", "qa", "--strict"], "empty.txt"),
+])
+def test_bad_document_writes(tmp_path, args, message):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "ok.txt").write_text("Mira Tan designed the first Quix engine in 1984.\n")
+    out = loramem("write", tmp_path / "m", tmp_path, "--model", "tiny", *args)
+    assert out.returncode == 2 and message in out.stderr.lower() and len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "m").exists()

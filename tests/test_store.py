@@ -100,3 +100,27 @@ def test_get_by_prefix_or_name(tmp_path):
     assert store.get("abc").id == "abc123"
     with pytest.raises(LoramemError, match="no module"):
         store.get("zzz")
+
+
+def test_one_writer_at_a_time(tmp_path):
+    import subprocess
+    import sys
+
+    from loramem.store import writer_lock
+
+    target = tmp_path / "m.mem"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from loramem.store import writer_lock\n"
+        f"with writer_lock({str(target)!r}):\n    print('locked', flush=True); time.sleep(30)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(LoramemError, match=f"being written by process {holder.pid}"):
+            with writer_lock(target):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with writer_lock(target):  # released when its holder died
+        pass
+    assert list(tmp_path.iterdir()) == []  # the lock file goes with the lock

@@ -23,6 +23,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Store knowle
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks; every one prints a table, or one JSON object with --json.")
 app.add_typer(bench_app, name="bench")
 console = Console()
+notices = Console(stderr=True)
+GENERATORS = ("hf", "openai")  # warnings and skips: stdout stays a clean table or JSON
 
 ModelOpt = typer.Option(None, "--model", help=f"registry name ({DEFAULT_MODEL}, tiny), HF folder or .gguf file")
 DataDirOpt = typer.Option(None, "--data-dir", help="benchmark data directory (default: $LORAMEM_DATA)")
@@ -96,21 +98,31 @@ def write(
 
         synth = SynthSpec(formats=parse_formats(fmt), questions=questions, summaries=summaries, rewrites=rewrites,
                           seed=seed)
+        if generator not in GENERATORS:
+            raise LoramemError(f"unknown generator {generator!r}: choose {' or '.join(GENERATORS)}")
         docs, skipped = read_documents(files, strict=strict)
         for where, reason in skipped:
-            console.print(f"[yellow]skipped[/] {where}: {reason}", highlight=False)
+            notices.print(f"[yellow]skipped[/] {where}: {reason}", highlight=False)
         if not docs:
             raise LoramemError(f"no readable documents in {', '.join(map(str, files))} ({len(skipped)} skipped)")
         mem = Memory.open(memory, model=model, create=True)
         gen = _generator(generator, generator_model, base_url, mem) if set(synth.formats) != {"original"} else None
-        rows = []
+        rows, empty = [], 0
+        total = 1 if one_module else len(docs)
         for i, (record, reports) in enumerate(mem.write_documents(docs, synth, gen, lora, train_spec, one_module,
                                                                   progress=not as_json), 1):
-            rows.append(_written(record) | {"synthesized": sum(sum(r.produced.values()) for r in reports)})
+            if record is None:
+                empty += 1
+                continue
+            rows.append(_written(record) | {"usable": sum(sum(r.produced.values()) for r in reports),
+                                            "asked": sum(sum(r.asked.values()) for r in reports)})
             if not as_json:
-                console.print(f"[{i}/{len(docs) if not one_module else 1}] {record.name}: {record.n_examples} "
-                              f"examples, recall {record.recall:.0%}, {record.train_seconds:.0f} s", highlight=False)
-        out = {"memory": str(memory), "documents": len(docs), "skipped": len(skipped), "modules": rows}
+                console.print(f"[{i}/{total}] {record.name}: {record.n_examples} examples, recall {record.recall:.0%}, "
+                              f"{record.train_seconds:.0f} s", highlight=False)
+        if not rows:
+            raise LoramemError("the generator gave no usable training data for any document; nothing written")
+        out = {"memory": str(memory), "documents": len(docs), "skipped": len(skipped), "no_data": empty,
+               "modules": rows}
         _print_json(out) if as_json else _table(f"wrote {memory}", rows)
         return
     if phonebook:
@@ -138,7 +150,7 @@ def _generator(kind: str, model: str | None, base_url: str | None, memory):
         return HFGenerator(memory.base if model is None or model == memory.model_name else model)
     if kind == "openai":
         return OpenAIGenerator(base_url=base_url, model=model)
-    raise LoramemError(f"unknown generator {kind!r}: choose hf or openai")
+    raise LoramemError(f"unknown generator {kind!r}: choose {' or '.join(GENERATORS)}")
 
 
 @app.command()
@@ -293,6 +305,54 @@ def bench_paperqa(
                              baselines=baselines, judge=judge, progress=not as_json)
     _emit(result, out, as_json, f"PaperQA: {len(chosen)} papers, {result['questions']} questions, rank {rank}",
           ("format", "train_tokens", "rouge_l", "bleu", "f1", "judge"))
+
+
+@bench_app.command("paperqa-multi")
+def bench_paperqa_multi(
+    fmt: str = typer.Option("qa", "--format", help="training format of each paper's module"),
+    papers: Optional[str] = typer.Option(None, help="a subset of the 15 papers by position: 0-4 or 0,3,7"),
+    questions: int = typer.Option(40, help="synthetic QA pairs asked for per paper"),
+    rank: int = typer.Option(16),
+    targets: str = typer.Option("all"),
+    layers: str = typer.Option("all"),
+    lr: float = typer.Option(TrainSpec.lr),
+    epochs: int = typer.Option(TrainSpec.epochs),
+    router: str = typer.Option("dense", help="router for the merges over the top 3"),
+    merges: str = typer.Option("ties,linear,dare_ties,cat", help="merge methods to compare, comma-separated"),
+    max_merged: int = typer.Option(5, help="merge the gold module with up to this many modules in all"),
+    generator: str = typer.Option("hf"),
+    generator_model: Optional[str] = typer.Option(None),
+    base_url: Optional[str] = typer.Option(None),
+    judge_model: Optional[str] = typer.Option(None, help="also score with this judge model at the endpoint"),
+    model: Optional[str] = ModelOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+    memory: Optional[Path] = typer.Option(None, help="keep the modules in this memory (reruns reuse them)"),
+    out: Optional[Path] = typer.Option(None, help="also save the result as JSON here"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """PaperQA with one module per paper: oracle vs routed vs one module on all papers, merges over the top 3,
+    and merging more modules with the gold one."""
+    from loramem.answer import MERGE_METHODS
+    from loramem.bench import paperqa
+    from loramem.bench.judge import Judge
+    from loramem.memory import Memory
+    from loramem.synth import OpenAIGenerator, SynthSpec, parse_formats
+
+    parse_formats(fmt)
+    methods = tuple(m.strip() for m in merges.split(",") if m.strip())
+    unknown = [m for m in methods if m not in MERGE_METHODS]
+    if unknown:
+        raise LoramemError(f"unknown merge method {unknown[0]!r}; choose from {', '.join(MERGE_METHODS)}")
+    chosen = paperqa.load(data_dir, papers)
+    lora, train_spec = _specs(rank, None, targets, layers, lr, epochs, 8, 0, "answer", 1.0)
+    judge = Judge(OpenAIGenerator(base_url=base_url, model=judge_model)) if judge_model else None
+    with tempfile.TemporaryDirectory() as tmp:
+        mem = Memory.open(memory or Path(tmp) / "memory", model=model, create=True)
+        gen = _generator(generator, generator_model, base_url, mem)
+        result = paperqa.run_routing(mem, chosen, fmt, SynthSpec(questions=questions), gen, lora, train_spec, router,
+                                     methods, max_merged, judge, progress=not as_json)
+    _emit(result, out, as_json, f"PaperQA, a module per paper: {len(chosen)} papers, {result['questions']} questions",
+          ("setting", "rouge_l", "bleu", "f1", "judge"))
 
 
 @app.command()

@@ -11,6 +11,7 @@ beyond deciding which base model and modules a call uses.
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import time
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from loramem.answer import (
-    Answer, Timing, closed_book_prompt, fit_context, generate, icl_prompt, module_applied, modules_applied, parse_mode,
+    Answer, Timing, closed_book_prompt, fit_context, generate, icl_prompt, modules_applied, parse_mode,
 )
 from loramem.config import LoraSpec, TrainSpec
 from loramem.corpus import Document, chunk_text
@@ -26,10 +27,11 @@ from loramem.errors import LoramemError
 from loramem.merge import MergeCache
 from loramem.models import DEFAULT_MODEL, KNOWN, Base, cached_fingerprint, load_base, same_base
 from loramem.route import Hit, Router, make_router
-from loramem.store import ModuleRecord, Store, now
+from loramem.store import MANIFEST, ModuleRecord, Store, now, writer_lock
 from loramem.train import Example, attached, save_adapter, train
 
 EXAMPLES_FILE = "examples.jsonl"
+log = logging.getLogger("loramem")
 DOCUMENTS_FILE = "documents.jsonl"
 # RAG passages and routing keys: windows that fit the sentence encoder (all-MiniLM-L6-v2 reads 256 word pieces).
 RAG_CHUNK_TOKENS, RAG_OVERLAP = 192, 32
@@ -80,7 +82,9 @@ class Memory:
         self.store = store  # None until the first module is committed
         self._base = base
         self._indexes: dict[str, Router] = {}
-        self._merge_cache = MergeCache(maxsize=4)
+        # Merged weights of the last module sets answered with (a set asked again costs a pointer swap); each
+        # holds a copy of the weights its modules touch, so keep few.
+        self._merge_cache = MergeCache(maxsize=2)
 
     @classmethod
     def open(cls, path: str | Path, model: str | None = None, create: bool = False, base: Base | None = None) -> Memory:
@@ -132,6 +136,16 @@ class Memory:
         ).encode()).hexdigest()[:16]
         if self.store is not None and self.store.has(module_id):
             return self.store.get(module_id)
+        with writer_lock(self.path):
+            if self.store is None and (self.path / MANIFEST).exists():  # another writer created it meanwhile
+                self.store = Store.open(self.path)
+                self._check_base(base.fingerprint, base.name)
+            if self.store is not None and self.store.has(module_id):
+                return self.store.get(module_id)
+            return self._train_and_commit(examples, lora, train_spec, name, progress, documents, module_id, digest)
+
+    def _train_and_commit(self, examples, lora, train_spec, name, progress, documents, module_id, digest):
+        base = self.base
         with attached(base.model, lora, seed=train_spec.seed) as peft_model:
             stats = train(peft_model, base.tokenizer, examples, train_spec, progress=progress)
             if self.store is None:
@@ -157,7 +171,7 @@ class Memory:
         """Turn documents into synthetic training data (`synth`, a SynthSpec) and write one module per document,
         or one for all with `one_module`. Yields (record, reports) as each module is committed.
 
-        Resumable: generated data is cached and a module already committed is not trained again, so running
+        A document that yields no usable data is reported with record None. Resumable: generated data is cached and a module already committed is not trained again, so running
         the same write after an interruption continues where it stopped.
         """
         from loramem.synth import SynthSpec, synthesize
@@ -168,10 +182,14 @@ class Memory:
         for group in [documents] if one_module else [[d] for d in documents]:
             examples, reports = [], []
             for doc in group:
-                made, report = synthesize(doc, synth, generator)
+                made, report = synthesize(doc, synth, generator, tokenizer=self.base.tokenizer)
                 examples += made
                 reports.append(report)
             name = (group[0].title or group[0].id) if len(group) == 1 else f"documents-{len(group)}"
+            if not examples:  # e.g. a weak generator gave no usable pair: reported, the other documents go on
+                log.warning("%s: no usable training data was generated; nothing written", name)
+                yield None, reports
+                continue
             yield self.write(examples, lora, train_spec, name=name, progress=progress, documents=group), reports
 
     def examples(self, module: ModuleRecord) -> list[Example]:
@@ -196,7 +214,7 @@ class Memory:
         if not documents:
             return [e.prompt + e.answer for e in self.examples(module)]
         tokenizer = self.base.tokenizer
-        return [c.text for d in documents for c in chunk_text(d.text, tokenizer, RAG_CHUNK_TOKENS, RAG_OVERLAP, d.id)]
+        return [c.text for d in documents for c in chunk_text(d.text, tokenizer, RAG_CHUNK_TOKENS, RAG_OVERLAP, doc_id=d.id)]
 
     def keys(self, module: ModuleRecord) -> list[str]:
         """What a module is routed by: its passages, plus its own synthetic questions when it has documents."""
@@ -244,13 +262,13 @@ class Memory:
     def ask(self, question: str, mode: str = "lora", **kw) -> Answer:
         return self.ask_many([question], mode, **kw)[0]
 
-    def ask_many(self, questions: list[str], mode: str = "lora", module: str | None = None, router: str = "dense",
+    def ask_many(self, questions: list[str], mode: str = "lora", module: str | list[str] | None = None, router: str = "dense",
                  top_k: int | None = None, merge: str = "ties", gold: list[str] | None = None, threshold: float | None = None,
                  context: str | None = None, max_new_tokens: int = 24, batch_size: int = 16) -> list[Answer]:
         """Answer questions in batches, in one of answer.MODES.
 
         The weights: `base`, `lora` (one module: `module`, the only one, or the router's top 1) or `multi` (the
-        router's top_k merged by `merge`; top_k defaults to 3, or all modules when fewer). The context: none, `icl` (the chosen modules' documents, or the given
+        modules listed in `module`, or the router's top_k, merged by `merge`; top_k defaults to 3, or all modules when fewer). The context: none, `icl` (the chosen modules' documents, or the given
         `context`) or `rag` (the top_k passages retrieved by `router`). `gold` names each question's module for the
         oracle router; `threshold` makes the router abstain (answer with the base weights) below that score.
         """
@@ -296,8 +314,9 @@ class Memory:
         if not wants_modules:
             return [[] for _ in questions]
         modules = self._require_modules()
-        if module is not None:
-            return [[Hit(self.store.get(module).id, 1.0)] for _ in questions]
+        if module is not None:  # one module by id or name, or a list of them to merge
+            chosen = [Hit(self.store.get(m).id, 1.0) for m in ([module] if isinstance(module, str) else module)]
+            return [chosen for _ in questions]
         k = 1 if weights == "lora" else (top_k if top_k is not None else min(DEFAULT_TOP_K, len(modules)))
         if len(modules) == 1 and k == 1:
             return [[Hit(modules[0].id, 1.0)] for _ in questions]
@@ -318,8 +337,8 @@ class Memory:
             yield self.base.model
             return
         folders = [self.store.module_dir(i) for i in module_ids]
-        with (module_applied(self.base.model, folders[0]) if len(folders) == 1
-              else modules_applied(self.base.model, folders, method, cache=self._merge_cache)) as model:
+        with modules_applied(self.base.model, folders, method if len(folders) > 1 else "linear",
+                             cache=self._merge_cache) as model:
             timing.merge += time.perf_counter() - started
             yield model
 

@@ -17,7 +17,7 @@ import inspect
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
@@ -296,19 +296,24 @@ def merge(deltas: list[Deltas], method: str, weights: Sequence[float] | None = N
 
 @dataclass
 class Applied:
-    """What `apply_in_place` changed: the original tensor of every touched weight, for `revert`."""
+    """What `swap_in` changed: every touched parameter and its original tensor, for `revert`."""
 
     originals: dict[str, torch.Tensor]
+    params: dict[str, torch.nn.Parameter] = field(default_factory=dict)
 
 
-def _parameter(model: torch.nn.Module, name: str, shape: tuple[int, ...]) -> torch.nn.Parameter:
-    try:
-        param = model.get_parameter(name)
-    except AttributeError:
-        raise LoramemError(f"the model has no weight {name!r}") from None
-    if tuple(param.shape) != tuple(shape):
-        raise LoramemError(f"delta for {name!r} has shape {tuple(shape)}, the weight {tuple(param.shape)}")
-    return param
+def _parameters(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.nn.Parameter]:
+    """The named parameters, each checked to exist with the given shape (one walk of the model: looking names
+    up one by one costs more than the swap itself)."""
+    found = dict(model.named_parameters())
+    params = {}
+    for name, shape in shapes.items():
+        if name not in found:
+            raise LoramemError(f"the model has no weight {name!r}")
+        if tuple(found[name].shape) != tuple(shape):
+            raise LoramemError(f"delta for {name!r} has shape {tuple(shape)}, the weight {tuple(found[name].shape)}")
+        params[name] = found[name]
+    return params
 
 
 def merged_weights(model: torch.nn.Module, deltas: Deltas | None = None,
@@ -320,7 +325,7 @@ def merged_weights(model: torch.nn.Module, deltas: Deltas | None = None,
         shapes = {name: (b.shape[0], a.shape[1]) for name, (a, b, _) in factors.items()}
     else:
         shapes = {name: dw.shape for name, dw in deltas.items()}
-    params = {name: _parameter(model, name, shape) for name, shape in shapes.items()}
+    params = _parameters(model, shapes)
     out = {}
     with torch.no_grad():
         for name, p in params.items():
@@ -338,8 +343,8 @@ def swap_in(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> Applied
     """Point each named weight at the given tensor, keeping the original tensor (no copy) for `revert`, which
     therefore restores it bit for bit ((W + dW) - dW is not W in floating point). Swapping a cached
     `merged_weights` result back in costs microseconds per weight."""
-    params = {name: _parameter(model, name, w.shape) for name, w in weights.items()}
-    handle = Applied({})
+    params = _parameters(model, {name: w.shape for name, w in weights.items()})
+    handle = Applied({}, params)
     for name, p in params.items():
         handle.originals[name] = p.data
         p.data = weights[name]
@@ -357,10 +362,10 @@ def apply_factors_in_place(model: torch.nn.Module, factors: Factors) -> Applied:
 
 
 def revert(model: torch.nn.Module, handle: Applied) -> None:
-    """Restore every weight that `apply_in_place` touched to its original tensor."""
+    """Restore every weight that `swap_in` touched to its original tensor."""
     with torch.no_grad():
         for name, original in handle.originals.items():
-            model.get_parameter(name).data = original
+            handle.params[name].data = original
 
 
 @contextlib.contextmanager

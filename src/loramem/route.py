@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import numbers
 import os
 import tempfile
@@ -110,6 +111,7 @@ def _build_bm25(texts: Sequence[str]):
     tokens = _tokenize(texts)
     if not any(tokens):
         raise LoramemError("no text to index has a word BM25 can match (all empty or stop words)")
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index build at DEBUG
     retriever = bm25s.BM25()
     retriever.index(tokens, show_progress=False)
     return retriever

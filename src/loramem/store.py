@@ -13,6 +13,8 @@ under a temporary name and renamed into place, so a half-created memory is never
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -202,6 +204,39 @@ def _record(row: sqlite3.Row) -> ModuleRecord:
     for key in ("base_fingerprint", "lora_spec", "train_spec", "stats"):
         data[key] = json.loads(data[key])
     return ModuleRecord(**data)
+
+
+@contextlib.contextmanager
+def writer_lock(path: str | Path):
+    """Hold the one write lock of the memory at `path` (which may not exist yet), or fail at once with a clear
+    error when another process holds it. Readers never take it: a commit is atomic for them anyway.
+
+    The lock file sits beside the memory (so a memory not yet created can be locked) and is removed on
+    release; a waiter that locked a file already removed retries on the new one.
+    """
+    path = Path(path)
+    lock_path = path.parent / f".{path.name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        handle = open(lock_path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise LoramemError(f"{path} is being written by {holder}; try again when it has finished") from None
+        if lock_path.exists() and os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino:
+            break
+        handle.close()  # the file was removed by the previous holder between our open and our lock
+    try:
+        handle.truncate(0)
+        handle.write(f"process {os.getpid()}")
+        handle.flush()
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        handle.close()
 
 
 def now() -> str:

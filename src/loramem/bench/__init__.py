@@ -1,1 +1,12 @@
 """Benchmarks: each loads its data, builds training examples and questions, and scores answers."""
+
+from loramem.metrics import normalize_answer
+from loramem.train import Example
+
+
+def without_leaks(examples: list[Example], questions: list[str]) -> tuple[list[Example], int]:
+    """Drop training examples whose prompt contains an evaluation question (normalised text), and count them:
+    a benchmark's questions must never be trained on, even when a generator happens to ask them itself."""
+    held_out = [normalize_answer(q) for q in questions]
+    kept = [e for e in examples if not any(h in normalize_answer(e.prompt) for h in held_out)]
+    return kept, len(examples) - len(kept)

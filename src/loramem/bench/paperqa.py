@@ -2,7 +2,7 @@
 
 Each paper's introduction is written into its own module in the chosen synthetic format; the 450
 evaluation questions never enter training: the generator sees only the introduction, and any synthetic
-example that repeats an evaluation question is dropped before training (`without_leaks`). Answers are
+example that repeats an evaluation question is dropped before training (`bench.without_leaks`). Answers are
 scored by ROUGE-L, BLEU and token F1 per question level, and by an LLM judge when one is configured.
 """
 
@@ -13,13 +13,13 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from loramem.bench import without_leaks
 from loramem.bench.judge import Judge
 from loramem.config import LoraSpec, TrainSpec
 from loramem.config import data_dir as resolve_data_dir
 from loramem.corpus import Document
 from loramem.errors import LoramemError
-from loramem.metrics import bleu, mean, normalize_answer, rouge_l, token_f1
-from loramem.train import Example
+from loramem.metrics import bleu, mean, rouge_l, token_f1
 
 log = logging.getLogger("loramem.paperqa")
 FILE = "paper/paper_dataset/paperQA.json"
@@ -48,8 +48,9 @@ class Paper:
 
 def load(data_dir: str | Path | None = None, papers: str | None = None) -> list[Paper]:
     """The papers of paperQA.json; `papers` picks a subset by position ("0-4", "0,3,7")."""
-    path = resolve_data_dir(data_dir) / FILE
-    if not path.is_file():
+    root = resolve_data_dir(data_dir)
+    path = root / FILE if root else None
+    if path is None or not path.is_file():
         raise LoramemError(f"PaperQA data not found at {path}; set --data-dir or LORAMEM_DATA")
     rows = json.loads(path.read_text(encoding="utf-8"))
     all_papers = [
@@ -73,13 +74,6 @@ def _positions(spec: str | None, n: int) -> list[int]:
     if not picked or min(picked) < 0 or max(picked) >= n:
         raise LoramemError(f"paper selection {spec!r} is outside 0-{n - 1}")
     return sorted(set(picked))
-
-
-def without_leaks(examples: list[Example], questions: list[Question]) -> tuple[list[Example], int]:
-    """Drop synthetic examples whose prompt contains an evaluation question (normalised text)."""
-    held_out = {normalize_answer(q.question) for q in questions}
-    kept = [e for e in examples if not any(h in normalize_answer(e.prompt) for h in held_out)]
-    return kept, len(examples) - len(kept)
 
 
 def score(answers: list[str], questions: list[Question], judge: Judge | None = None) -> dict:
@@ -113,8 +107,9 @@ def write_format(memory, papers: list[Paper], fmt: str, synth_spec, generator, l
 
     written = []
     for paper in papers:
-        examples, report = synthesize(paper.document(), replace(synth_spec, formats=parse_formats(fmt)), generator)
-        examples, leaks = without_leaks(examples, list(paper.questions))
+        examples, report = synthesize(paper.document(), replace(synth_spec, formats=parse_formats(fmt)), generator,
+                                     tokenizer=memory.base.tokenizer)
+        examples, leaks = without_leaks(examples, [q.question for q in paper.questions])
         record = memory.write(examples, lora, train_spec, name=f"paper-{paper.id}-{fmt}", progress=progress,
                               documents=[paper.document()])
         written.append({"paper": paper.id, "module": record.id, "examples": len(examples), "leaks_dropped": leaks,
@@ -149,3 +144,61 @@ def run(memory, papers: list[Paper], formats: list[str], synth_spec, generator, 
         details[fmt] = written
     return {"papers": [p.id for p in papers], "questions": len(questions), "rank": lora.rank,
             "layers": lora.layers, "targets": lora.targets, "rows": rows, "modules": details}
+
+
+def run_routing(memory, papers: list[Paper], fmt: str, synth_spec, generator, lora: LoraSpec | None = None,
+                train_spec: TrainSpec | None = None, router: str = "dense", merges: tuple[str, ...] = (
+                    "ties", "linear", "dare_ties", "cat"), max_merged: int = 5, judge: Judge | None = None,
+                progress: bool = True) -> dict:
+    """One module per paper: oracle and routed answers against one module on all papers, merge methods over
+    the router's top 3, and TIES merges of the gold module with 0..max_merged-1 others."""
+    from loramem.route import recall_at_k
+
+    lora, train_spec = lora or LoraSpec(rank=16), train_spec or TrainSpec()
+    written = write_format(memory, papers, fmt, synth_spec, generator, lora, train_spec, progress)
+    module_of = {p.id: w["module"] for p, w in zip(papers, written)}
+    questions = [q for p in papers for q in p.questions]
+    texts, gold = [q.question for q in questions], [module_of[q.paper] for q in questions]
+
+    def row(setting: str, **ask) -> dict:
+        answers = memory.ask_many(texts, max_new_tokens=MAX_NEW_TOKENS, **ask)
+        return {"setting": setting} | score([a.text for a in answers], questions, judge)
+
+    rows = [row("oracle", mode="lora", router="oracle", gold=gold)]
+    routing = {}
+    for kind in ("dense", "bm25", "hybrid"):
+        ranked = memory.router(kind).route(texts, min(3, len(papers)))
+        routing[kind] = {"recall@1": recall_at_k(ranked, gold, 1), "recall@3": recall_at_k(ranked, gold, 3)}
+        rows.append(row(f"routed top-1 ({kind})", mode="lora", router=kind))
+    rows.append(_single_module_row(memory, papers, fmt, synth_spec, generator, lora, train_spec, questions, judge,
+                                   progress))
+    for method in merges:
+        rows.append(row(f"{method} over top 3 ({router})", mode="multi", router=router, top_k=min(3, len(papers)),
+                        merge=method))
+    for n in range(2, min(max_merged, len(papers)) + 1):
+        answers = []
+        for i, paper in enumerate(papers):  # the gold module and the next n-1 papers' modules
+            chosen = [module_of[papers[(i + j) % len(papers)].id] for j in range(n)]
+            answers += [a.text for a in memory.ask_many([q.question for q in paper.questions], mode="multi",
+                                                        module=chosen, merge="ties", max_new_tokens=MAX_NEW_TOKENS)]
+        rows.append({"setting": f"ties of gold + {n - 1} others"} | score(answers, questions, judge))
+    return {"papers": [p.id for p in papers], "questions": len(questions), "format": fmt, "rank": lora.rank,
+            "layers": lora.layers, "rows": rows, "routing": routing}
+
+
+def _single_module_row(memory, papers, fmt, synth_spec, generator, lora, train_spec, questions, judge, progress):
+    """All papers' training data in one module of the same rank, in a memory of its own."""
+    from loramem.synth import parse_formats, synthesize
+
+    spec = replace(synth_spec, formats=parse_formats(fmt))
+    examples = []
+    for paper in papers:
+        made, _ = synthesize(paper.document(), spec, generator, tokenizer=memory.base.tokenizer)
+        examples += without_leaks(made, [q.question for q in paper.questions])[0]
+    alone = type(memory).open(memory.path.with_name(memory.path.name + "-single"), create=True, base=memory.base)
+    record = alone.write(examples, lora, train_spec, name=f"all-papers-{fmt}", progress=progress,
+                         documents=[p.document() for p in papers])
+    answers = alone.ask_many([q.question for q in questions], mode="lora", module=record.id,
+                             max_new_tokens=MAX_NEW_TOKENS)
+    return {"setting": f"single module (rank {lora.rank}) on all papers"} | score([a.text for a in answers],
+                                                                                  questions, judge)
