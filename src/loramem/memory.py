@@ -10,6 +10,7 @@ beyond deciding which base model and modules a call uses.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import json
@@ -281,14 +282,19 @@ class Memory:
         chunks = self._passages(questions, router, top_k) if extra == "rag" else [[] for _ in questions]
         route_seconds = (time.perf_counter() - started) / len(questions)
         budget = base.model.config.max_position_embeddings - max_new_tokens - 64
+
+        @functools.cache
+        def fitted(text: str) -> str:  # questions often share a context: tokenize it, and warn, once
+            return fit_context(base.tokenizer, text, budget)
+
         prompts = []
         for question, hits, passages in zip(questions, picks, chunks):
             if extra == "icl":
                 text = context if context is not None else "\n\n".join(self.context(self.store.get(h.id)) for h in hits)
-                prompts.append(icl_prompt(question, fit_context(base.tokenizer, text, budget)))
+                prompts.append(icl_prompt(question, fitted(text)))
             elif extra == "rag":
                 text = "\n\n".join(self._passage_text(h.id) for h in passages)
-                prompts.append(icl_prompt(question, fit_context(base.tokenizer, text, budget)))
+                prompts.append(icl_prompt(question, fitted(text)))
             else:
                 prompts.append(closed_book_prompt(question))
         answers: list[Answer | None] = [None] * len(questions)
