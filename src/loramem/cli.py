@@ -8,6 +8,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +29,15 @@ GENERATORS = ("hf", "openai")  # warnings and skips: stdout stays a clean table 
 
 ModelOpt = typer.Option(None, "--model", help=f"registry name ({DEFAULT_MODEL}, tiny), HF folder or .gguf file")
 DataDirOpt = typer.Option(None, "--data-dir", help="benchmark data directory (default: $LORAMEM_DATA)")
+PapersOpt = typer.Option(None, "--papers", help="a subset of the 15 papers by position: 0-4 or 0,3,7")
+QuestionsOpt = typer.Option(40, "--questions", help="synthetic QA pairs asked for per document")
+GeneratorOpt = typer.Option("hf", "--generator", help="synthetic data: hf (a local chat model) or openai")
+GeneratorModelOpt = typer.Option(None, "--generator-model", help="hf: model (default: the memory's); openai: model name")
+BaseUrlOpt = typer.Option(None, "--base-url", help="openai: endpoint (default $LORAMEM_OPENAI_BASE_URL)")
+JudgeOpt = typer.Option(None, "--judge-model", help="also score answers with this model at the OpenAI-compatible "
+                        "endpoint (0-10 rubric)")
+KeepOpt = typer.Option(None, "--memory", help="keep the modules in this memory (reruns reuse them)")
+OutOpt = typer.Option(None, "--out", help="also save the result as JSON here")
 
 
 def _specs(rank, alpha, targets, layers, lr, epochs, batch_size, seed, loss_on, target_recall,
@@ -60,13 +70,13 @@ def write(
     files: list[Path] = typer.Argument(None, help="facts files (one fact per line), or documents and folders with --format"),
     fmt: str = typer.Option("facts", "--format", help="facts, or synthetic data from documents: original, qa, "
                             "summary, rewrite or a mix like qa+summary"),
-    questions: int = typer.Option(40, help="QA pairs asked for per document or chunk"),
+    questions: int = QuestionsOpt,
     summaries: int = typer.Option(1), rewrites: int = typer.Option(1),
     one_module: bool = typer.Option(False, "--one-module", help="one module for all documents"),
     strict: bool = typer.Option(False, help="stop at an unreadable or empty document instead of skipping it"),
-    generator: str = typer.Option("hf", help="hf (a local chat model) or openai (an OpenAI-compatible endpoint)"),
-    generator_model: Optional[str] = typer.Option(None, help="hf: model (default: the memory's); openai: model name"),
-    base_url: Optional[str] = typer.Option(None, help="openai: endpoint (default $LORAMEM_OPENAI_BASE_URL)"),
+    generator: str = GeneratorOpt,
+    generator_model: Optional[str] = GeneratorModelOpt,
+    base_url: Optional[str] = BaseUrlOpt,
     phonebook: Optional[str] = typer.Option(None, help="write a PhoneBook of this size (1K, 8K...) instead"),
     data_dir: Optional[Path] = DataDirOpt,
     model: Optional[str] = ModelOpt,
@@ -236,8 +246,8 @@ def bench_sectors(
     context_questions: int = typer.Option(48, help="questions scored for ICL and RAG (long prompts are slow)"),
     model: Optional[str] = ModelOpt,
     data_dir: Optional[Path] = DataDirOpt,
-    memory: Optional[Path] = typer.Option(None, help="keep the modules in this memory (reruns reuse them)"),
-    out: Optional[Path] = typer.Option(None, help="also save the result as JSON here"),
+    memory: Optional[Path] = KeepOpt,
+    out: Optional[Path] = OutOpt,
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Multi-module PhoneBook: a module per sector (oracle and routed) against one big module, ICL and RAG."""
@@ -267,40 +277,32 @@ def _emit(result: dict, out: Path | None, as_json: bool, title: str, columns: tu
 def bench_paperqa(
     fmt: list[str] = typer.Option(["qa"], "--format", help="training formats to compare (repeat the flag): "
                                   "original, qa, summary+qa, rewrite+qa, original+summary+rewrite+qa"),
-    papers: Optional[str] = typer.Option(None, help="a subset of the 15 papers by position: 0-4 or 0,3,7"),
-    questions: int = typer.Option(40, help="synthetic QA pairs asked for per paper"),
+    papers: Optional[str] = PapersOpt,
+    questions: int = QuestionsOpt,
     rank: int = typer.Option(16),
     targets: str = typer.Option("all"),
     layers: str = typer.Option("all"),
     lr: float = typer.Option(TrainSpec.lr),
     epochs: int = typer.Option(TrainSpec.epochs),
     baselines: bool = typer.Option(True, help="also score the base model alone and with the introduction in the prompt"),
-    generator: str = typer.Option("hf", help="synthetic data: hf (local chat model) or openai"),
-    generator_model: Optional[str] = typer.Option(None),
-    base_url: Optional[str] = typer.Option(None),
-    judge_model: Optional[str] = typer.Option(None, help="score answers with this model at the OpenAI-compatible "
-                                              "endpoint too (0-10 rubric)"),
+    generator: str = GeneratorOpt,
+    generator_model: Optional[str] = GeneratorModelOpt,
+    base_url: Optional[str] = BaseUrlOpt,
+    judge_model: Optional[str] = JudgeOpt,
     model: Optional[str] = ModelOpt,
     data_dir: Optional[Path] = DataDirOpt,
-    memory: Optional[Path] = typer.Option(None, help="keep the modules in this memory (reruns reuse them)"),
-    out: Optional[Path] = typer.Option(None, help="also save the result as JSON here"),
+    memory: Optional[Path] = KeepOpt,
+    out: Optional[Path] = OutOpt,
     as_json: bool = typer.Option(False, "--json"),
 ):
     """The paper's format table: each paper's introduction written into a module in each format, its 30
     questions scored by ROUGE-L, BLEU, token F1 (and the judge)."""
     from loramem.bench import paperqa
-    from loramem.bench.judge import Judge
-    from loramem.memory import Memory
-    from loramem.synth import OpenAIGenerator, SynthSpec, parse_formats
+    from loramem.synth import SynthSpec
 
-    for f in fmt:
-        parse_formats(f)
-    chosen = paperqa.load(data_dir, papers)
-    lora, train_spec = _specs(rank, None, targets, layers, lr, epochs, 8, 0, "answer", 1.0)
-    judge = Judge(OpenAIGenerator(base_url=base_url, model=judge_model)) if judge_model else None
-    with tempfile.TemporaryDirectory() as tmp:
-        mem = Memory.open(memory or Path(tmp) / "memory", model=model, create=True)
-        gen = _generator(generator, generator_model, base_url, mem)
+    chosen, lora, train_spec, judge = _paperqa_setup(fmt, papers, data_dir, rank, targets, layers, lr, epochs,
+                                                     base_url, judge_model)
+    with _bench_memory(memory, model, generator, generator_model, base_url) as (mem, gen):
         result = paperqa.run(mem, chosen, fmt, SynthSpec(questions=questions), gen, lora, train_spec,
                              baselines=baselines, judge=judge, progress=not as_json)
     _emit(result, out, as_json, f"PaperQA: {len(chosen)} papers, {result['questions']} questions, rank {rank}",
@@ -310,8 +312,8 @@ def bench_paperqa(
 @bench_app.command("paperqa-multi")
 def bench_paperqa_multi(
     fmt: str = typer.Option("qa", "--format", help="training format of each paper's module"),
-    papers: Optional[str] = typer.Option(None, help="a subset of the 15 papers by position: 0-4 or 0,3,7"),
-    questions: int = typer.Option(40, help="synthetic QA pairs asked for per paper"),
+    papers: Optional[str] = PapersOpt,
+    questions: int = QuestionsOpt,
     rank: int = typer.Option(16),
     targets: str = typer.Option("all"),
     layers: str = typer.Option("all"),
@@ -320,39 +322,57 @@ def bench_paperqa_multi(
     router: str = typer.Option("dense", help="router for the merges over the top 3"),
     merges: str = typer.Option("ties,linear,dare_ties,cat", help="merge methods to compare, comma-separated"),
     max_merged: int = typer.Option(5, help="merge the gold module with up to this many modules in all"),
-    generator: str = typer.Option("hf"),
-    generator_model: Optional[str] = typer.Option(None),
-    base_url: Optional[str] = typer.Option(None),
-    judge_model: Optional[str] = typer.Option(None, help="also score with this judge model at the endpoint"),
+    generator: str = GeneratorOpt,
+    generator_model: Optional[str] = GeneratorModelOpt,
+    base_url: Optional[str] = BaseUrlOpt,
+    judge_model: Optional[str] = JudgeOpt,
     model: Optional[str] = ModelOpt,
     data_dir: Optional[Path] = DataDirOpt,
-    memory: Optional[Path] = typer.Option(None, help="keep the modules in this memory (reruns reuse them)"),
-    out: Optional[Path] = typer.Option(None, help="also save the result as JSON here"),
+    memory: Optional[Path] = KeepOpt,
+    out: Optional[Path] = OutOpt,
     as_json: bool = typer.Option(False, "--json"),
 ):
     """PaperQA with one module per paper: oracle vs routed vs one module on all papers, merges over the top 3,
     and merging more modules with the gold one."""
     from loramem.answer import MERGE_METHODS
     from loramem.bench import paperqa
-    from loramem.bench.judge import Judge
-    from loramem.memory import Memory
-    from loramem.synth import OpenAIGenerator, SynthSpec, parse_formats
+    from loramem.synth import SynthSpec
 
-    parse_formats(fmt)
     methods = tuple(m.strip() for m in merges.split(",") if m.strip())
     unknown = [m for m in methods if m not in MERGE_METHODS]
     if unknown:
         raise LoramemError(f"unknown merge method {unknown[0]!r}; choose from {', '.join(MERGE_METHODS)}")
-    chosen = paperqa.load(data_dir, papers)
-    lora, train_spec = _specs(rank, None, targets, layers, lr, epochs, 8, 0, "answer", 1.0)
-    judge = Judge(OpenAIGenerator(base_url=base_url, model=judge_model)) if judge_model else None
-    with tempfile.TemporaryDirectory() as tmp:
-        mem = Memory.open(memory or Path(tmp) / "memory", model=model, create=True)
-        gen = _generator(generator, generator_model, base_url, mem)
+    chosen, lora, train_spec, judge = _paperqa_setup([fmt], papers, data_dir, rank, targets, layers, lr, epochs,
+                                                     base_url, judge_model)
+    with _bench_memory(memory, model, generator, generator_model, base_url) as (mem, gen):
         result = paperqa.run_routing(mem, chosen, fmt, SynthSpec(questions=questions), gen, lora, train_spec, router,
                                      methods, max_merged, judge, progress=not as_json)
     _emit(result, out, as_json, f"PaperQA, a module per paper: {len(chosen)} papers, {result['questions']} questions",
           ("setting", "rouge_l", "bleu", "f1", "judge"))
+
+
+def _paperqa_setup(formats, papers, data_dir, rank, targets, layers, lr, epochs, base_url, judge_model):
+    """Check the formats, load the papers, and build the specs and the optional judge of a PaperQA study."""
+    from loramem.bench import paperqa
+    from loramem.bench.judge import Judge
+    from loramem.synth import OpenAIGenerator, parse_formats
+
+    for f in formats:
+        parse_formats(f)
+    chosen = paperqa.load(data_dir, papers)
+    lora, train_spec = _specs(rank, None, targets, layers, lr, epochs, 8, 0, "answer", 1.0)
+    judge = Judge(OpenAIGenerator(base_url=base_url, model=judge_model)) if judge_model else None
+    return chosen, lora, train_spec, judge
+
+
+@contextmanager
+def _bench_memory(memory, model, generator, generator_model, base_url):
+    """The memory a study writes into (kept when named, else temporary) and its data generator."""
+    from loramem.memory import Memory
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mem = Memory.open(memory or Path(tmp) / "memory", model=model, create=True)
+        yield mem, _generator(generator, generator_model, base_url, mem)
 
 
 @app.command()

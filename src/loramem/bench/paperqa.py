@@ -172,9 +172,9 @@ def run_routing(memory, papers: list[Paper], fmt: str, synth_spec, generator, lo
         rows.append(row(f"routed top-1 ({kind})", mode="lora", router=kind))
     rows.append(_single_module_row(memory, papers, fmt, synth_spec, generator, lora, train_spec, questions, judge,
                                    progress))
+    top = min(3, len(papers))
     for method in merges:
-        rows.append(row(f"{method} over top 3 ({router})", mode="multi", router=router, top_k=min(3, len(papers)),
-                        merge=method))
+        rows.append(row(f"{method} over top {top} ({router})", mode="multi", router=router, top_k=top, merge=method))
     for n in range(2, min(max_merged, len(papers)) + 1):
         answers = []
         for i, paper in enumerate(papers):  # the gold module and the next n-1 papers' modules
