@@ -184,3 +184,13 @@ def test_empty_memory_asks_clearly(tiny, tmp_path):
     with pytest.raises(LoramemError, match="no modules"):
         memory.ask("q?", mode="multi")
     assert memory.ask("q?", mode="base").modules == []
+
+
+def test_facts_sharded_by_tokens(tiny, tmp_path):
+    memory = Memory.open(tmp_path / "sharded.mem", create=True, base=tiny)
+    facts = facts_from_text("".join(SHARDS))  # six facts of ~25 tokens each
+    records = list(memory.write_shards(facts, 60, LoraSpec(rank=4), TrainSpec(epochs=1), progress=False))
+    assert [r.n_examples for r in records] == [2, 2, 2] and [r.name for r in records] == ["shard-0", "shard-1", "shard-2"]
+    assert [m.id for m in memory.modules()] == [r.id for r in records]
+    with pytest.raises(LoramemError, match="at least 1 token"):
+        list(memory.write_shards(facts, 0))

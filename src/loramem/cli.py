@@ -73,6 +73,7 @@ def write(
     questions: int = QuestionsOpt,
     summaries: int = typer.Option(1), rewrites: int = typer.Option(1),
     one_module: bool = typer.Option(False, "--one-module", help="one module for all documents"),
+    shard_tokens: int = typer.Option(0, help="facts: one module per this many tokens of facts (0: one module)"),
     strict: bool = typer.Option(False, help="stop at an unreadable or empty document instead of skipping it"),
     generator: str = GeneratorOpt,
     generator_model: Optional[str] = GeneratorModelOpt,
@@ -142,8 +143,12 @@ def write(
     else:
         raise LoramemError("give facts files or --phonebook SIZE")
     mem = Memory.open(memory, model=model, create=True)
-    record = mem.write(examples, lora=lora, train_spec=train_spec, name=name or (f"phonebook-{phonebook}" if phonebook else None))
-    summary = _written(record)
+    label = name or (f"phonebook-{phonebook}" if phonebook else None)
+    if shard_tokens:
+        rows = [_written(r) for r in mem.write_shards(examples, shard_tokens, lora, train_spec, name=label or "shard")]
+        _print_json({"memory": str(memory), "modules": rows}) if as_json else _table(f"wrote {memory}", rows)
+        return
+    summary = _written(mem.write(examples, lora=lora, train_spec=train_spec, name=label))
     _print_json(summary) if as_json else _table(f"wrote {memory}", [summary])
 
 

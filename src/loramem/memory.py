@@ -167,6 +167,25 @@ class Memory:
         self.store.commit(staged, record)
         return record
 
+    def write_shards(self, examples: list[Example], shard_tokens: int, lora: LoraSpec | None = None,
+                     train_spec: TrainSpec | None = None, name: str = "shard", progress: bool = True):
+        """Write consecutive runs of examples of at most `shard_tokens` tokens each into a module of their own
+        (the paper's 8K-token PhoneBook sectors); yields each record as it is committed. Resumable like write."""
+        if shard_tokens < 1:
+            raise LoramemError(f"shard size must be at least 1 token, got {shard_tokens}")
+        tokenizer = self.base.tokenizer
+        shards: list[list[Example]] = [[]]
+        used = 0
+        for e in examples:
+            size = len(tokenizer(e.prompt + e.answer, add_special_tokens=False).input_ids)
+            if shards[-1] and used + size > shard_tokens:
+                shards.append([])
+                used = 0
+            shards[-1].append(e)
+            used += size
+        for i, shard in enumerate(shards):
+            yield self.write(shard, lora, train_spec, name=f"{name}-{i}", progress=progress)
+
     def write_documents(self, documents: list[Document], synth=None, generator=None, lora: LoraSpec | None = None,
                         train_spec: TrainSpec | None = None, one_module: bool = False, progress: bool = True):
         """Turn documents into synthetic training data (`synth`, a SynthSpec) and write one module per document,
