@@ -248,7 +248,7 @@ def bench_sectors(
     layers: str = typer.Option("all"),
     lr: float = typer.Option(TrainSpec.lr),
     epochs: int = typer.Option(TrainSpec.epochs),
-    context_questions: int = typer.Option(48, help="questions scored for ICL and RAG (long prompts are slow)"),
+    context_questions: int = typer.Option(48, help="questions scored for ICL (each prompt holds every fact; 0: skip)"),
     model: Optional[str] = ModelOpt,
     data_dir: Optional[Path] = DataDirOpt,
     memory: Optional[Path] = KeepOpt,

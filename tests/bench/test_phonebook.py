@@ -69,7 +69,7 @@ def test_sectors_study_on_the_tiny_model(tiny, tmp_path):
                             progress=False)
     settings = [row["setting"] for row in result["rows"]]
     assert settings[0].endswith("oracle routing") and "single (rank 16)" in settings
-    assert result["rows"][0]["questions"] == 10 and result["rows"][-1]["questions"] == 4
+    assert result["rows"][0]["questions"] == 10 and result["rows"][-1]["questions"] == 4  # ICL: the sample
     assert result["rows"][0]["exact_match"] > 0.5  # each 5-fact sector is learnt by its own module
     assert set(result["routing"]) == {"bm25", "dense", "hybrid"}
     assert result["routing"]["bm25"]["recall@1"] == 1.0  # names are rare words: BM25 finds their sector
