@@ -31,12 +31,12 @@ from loramem.route import Hit, Router, make_router
 from loramem.store import MANIFEST, ModuleRecord, Store, now, writer_lock
 from loramem.train import Example, attached, save_adapter, train
 
-EXAMPLES_FILE = "examples.jsonl"
 log = logging.getLogger("loramem")
-DOCUMENTS_FILE = "documents.jsonl"
+EXAMPLES_FILE = "examples.jsonl"
+DOCUMENTS_FILE = "documents.jsonl"  # the documents a module was written from: ICL context and routing keys
 # RAG passages and routing keys: windows that fit the sentence encoder (all-MiniLM-L6-v2 reads 256 word pieces).
 RAG_CHUNK_TOKENS, RAG_OVERLAP = 192, 32
-DEFAULT_TOP_K = 3  # the documents a module was written from: ICL context and routing keys
+DEFAULT_TOP_K = 3  # modules merged (multi) and passages retrieved (rag) when top_k is not given
 
 
 def facts_from_text(text: str, source: str = "text") -> list[Example]:
@@ -191,8 +191,9 @@ class Memory:
         """Turn documents into synthetic training data (`synth`, a SynthSpec) and write one module per document,
         or one for all with `one_module`. Yields (record, reports) as each module is committed.
 
-        A document that yields no usable data is reported with record None. Resumable: generated data is cached and a module already committed is not trained again, so running
-        the same write after an interruption continues where it stopped.
+        A document that yields no usable data is reported with record None. Resumable: generated data is cached
+        and a module already committed is not trained again, so running the same write after an interruption
+        continues where it stopped.
         """
         from loramem.synth import SynthSpec, synthesize
 
@@ -288,8 +289,9 @@ class Memory:
         """Answer questions in batches, in one of answer.MODES.
 
         The weights: `base`, `lora` (one module: `module`, the only one, or the router's top 1) or `multi` (the
-        modules listed in `module`, or the router's top_k, merged by `merge`; top_k defaults to 3, or all modules when fewer). The context: none, `icl` (the chosen modules' documents, or the given
-        `context`) or `rag` (the top_k passages retrieved by `router`). `gold` names each question's module for the
+        modules listed in `module`, or the router's top_k, merged by `merge`; top_k defaults to 3, or all modules
+        when fewer). The context: none, `icl` (the chosen modules' documents, or the given `context`) or `rag`
+        (the top_k passages retrieved by `router`). `gold` names each question's module for the
         oracle router; `threshold` makes the router abstain (answer with the base weights) below that score.
         """
         weights, extra = parse_mode(mode)
@@ -298,7 +300,7 @@ class Memory:
         base = self.base
         started = time.perf_counter()
         picks = self._modules_for(questions, weights, extra, module, router, top_k, gold, threshold, context)
-        chunks = self._passages(questions, router, top_k) if extra == "rag" else [[] for _ in questions]
+        chunks, passage = self._passages(questions, router, top_k) if extra == "rag" else ([[] for _ in questions], {})
         route_seconds = (time.perf_counter() - started) / len(questions)
         budget = base.model.config.max_position_embeddings - max_new_tokens - 64
 
@@ -306,14 +308,17 @@ class Memory:
         def fitted(text: str) -> str:  # questions often share a context: tokenize it, and warn, once
             return fit_context(base.tokenizer, text, budget)
 
+        @functools.cache
+        def documents_of(module_id: str) -> str:  # read each module's documents once per call
+            return self.context(self.store.get(module_id))
+
         prompts = []
         for question, hits, passages in zip(questions, picks, chunks):
             if extra == "icl":
-                text = context if context is not None else "\n\n".join(self.context(self.store.get(h.id)) for h in hits)
+                text = context if context is not None else "\n\n".join(documents_of(h.id) for h in hits)
                 prompts.append(icl_prompt(question, fitted(text)))
             elif extra == "rag":
-                text = "\n\n".join(self._passage_text(h.id) for h in passages)
-                prompts.append(icl_prompt(question, fitted(text)))
+                prompts.append(icl_prompt(question, fitted("\n\n".join(passage[h.id] for h in passages))))
             else:
                 prompts.append(closed_book_prompt(question))
         answers: list[Answer | None] = [None] * len(questions)
@@ -347,13 +352,11 @@ class Memory:
             return [[Hit(modules[0].id, 1.0)] for _ in questions]
         return self.router(router).route(questions, k, gold=gold, threshold=threshold)
 
-    def _passages(self, questions: list[str], router: str, top_k: int | None) -> list[list[Hit]]:
+    def _passages(self, questions: list[str], router: str, top_k: int | None) -> tuple[list[list[Hit]], dict[str, str]]:
+        """The top passages per question, and the text of every passage by id (as the index holds them)."""
         retriever = self.retriever(router)
-        return retriever.route(questions, top_k if top_k is not None else min(DEFAULT_TOP_K, len(retriever.modules)))
-
-    def _passage_text(self, chunk_id: str) -> str:
-        module_id, _, number = chunk_id.rpartition(":")
-        return self.chunks(self.store.get(module_id))[int(number)]
+        hits = retriever.route(questions, top_k if top_k is not None else min(DEFAULT_TOP_K, len(retriever.modules)))
+        return hits, dict(zip(retriever.index.item_ids, retriever.index.texts))
 
     @contextmanager
     def _weights_applied(self, module_ids: tuple[str, ...], method: str, timing: Timing):

@@ -356,11 +356,6 @@ def apply_in_place(model: torch.nn.Module, deltas: Deltas) -> Applied:
     return swap_in(model, merged_weights(model, deltas=deltas))
 
 
-def apply_factors_in_place(model: torch.nn.Module, factors: Factors) -> Applied:
-    """Like `apply_in_place` for one module's (A, B, scale), without materialising dW."""
-    return swap_in(model, merged_weights(model, factors=factors))
-
-
 def revert(model: torch.nn.Module, handle: Applied) -> None:
     """Restore every weight that `swap_in` touched to its original tensor."""
     with torch.no_grad():

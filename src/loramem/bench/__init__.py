@@ -10,3 +10,9 @@ def without_leaks(examples: list[Example], questions: list[str]) -> tuple[list[E
     held_out = [normalize_answer(q) for q in questions]
     kept = [e for e in examples if not any(h in normalize_answer(e.prompt) for h in held_out)]
     return kept, len(examples) - len(kept)
+
+
+def sibling_memory(memory, suffix: str):
+    """A memory beside `memory` on the same loaded base model (`<path>-<suffix>`), for a study's comparison module
+    that must not be seen by the other memory's routing and retrieval."""
+    return type(memory).open(memory.path.with_name(f"{memory.path.name}-{suffix}"), create=True, base=memory.base)

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from loramem.bench import without_leaks
+from loramem.bench import sibling_memory, without_leaks
 from loramem.config import LoraSpec, TrainSpec
 from loramem.config import data_dir as resolve_data_dir
 from loramem.corpus import Document, chunk_text
@@ -66,7 +66,7 @@ def run(memory, stories: list[Story], fmt: str, synth_spec, generator, lora: Lor
         examples = without_leaks(made, [q for s in stories for q, _ in s.questions])[0]
         memory.write(examples, lora, train_spec, name=doc.title, progress=progress, documents=[doc])
         all_examples += examples
-    alone = type(memory).open(memory.path.with_name(memory.path.name + "-single"), create=True, base=memory.base)
+    alone = sibling_memory(memory, "single")
     single = alone.write(all_examples, lora, train_spec, name="all-stories", progress=progress,
                          documents=[s.document() for s in stories])
     questions = [q for s in stories for q, _ in s.questions]

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from loramem.bench import without_leaks
+from loramem.bench import sibling_memory, without_leaks
 from loramem.bench.judge import Judge
 from loramem.config import LoraSpec, TrainSpec
 from loramem.config import data_dir as resolve_data_dir
@@ -170,8 +170,7 @@ def run_routing(memory, papers: list[Paper], fmt: str, synth_spec, generator, lo
         ranked = memory.router(kind).route(texts, min(3, len(papers)))
         routing[kind] = {"recall@1": recall_at_k(ranked, gold, 1), "recall@3": recall_at_k(ranked, gold, 3)}
         rows.append(row(f"routed top-1 ({kind})", mode="lora", router=kind))
-    rows.append(_single_module_row(memory, papers, fmt, synth_spec, generator, lora, train_spec, questions, judge,
-                                   progress))
+    rows.append(_single_module_row(memory, papers, fmt, written, lora, train_spec, questions, judge, progress))
     top = min(3, len(papers))
     for method in merges:
         rows.append(row(f"{method} over top {top} ({router})", mode="multi", router=router, top_k=top, merge=method))
@@ -186,16 +185,11 @@ def run_routing(memory, papers: list[Paper], fmt: str, synth_spec, generator, lo
             "layers": lora.layers, "rows": rows, "routing": routing}
 
 
-def _single_module_row(memory, papers, fmt, synth_spec, generator, lora, train_spec, questions, judge, progress):
-    """All papers' training data in one module of the same rank, in a memory of its own."""
-    from loramem.synth import parse_formats, synthesize
-
-    spec = replace(synth_spec, formats=parse_formats(fmt))
-    examples = []
-    for paper in papers:
-        made, _ = synthesize(paper.document(), spec, generator, tokenizer=memory.base.tokenizer)
-        examples += without_leaks(made, [q.question for q in paper.questions])[0]
-    alone = type(memory).open(memory.path.with_name(memory.path.name + "-single"), create=True, base=memory.base)
+def _single_module_row(memory, papers, fmt, written, lora, train_spec, questions, judge, progress):
+    """All papers' training data (as their own modules were trained on it) in one module of the same rank,
+    in a memory of its own."""
+    examples = [e for w in written for e in memory.examples(memory.store.get(w["module"]))]
+    alone = sibling_memory(memory, "single")
     record = alone.write(examples, lora, train_spec, name=f"all-papers-{fmt}", progress=progress,
                          documents=[p.document() for p in papers])
     answers = alone.ask_many([q.question for q in questions], mode="lora", module=record.id,

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from loramem.bench import sibling_memory
 from loramem.config import LoraSpec, TrainSpec
 from loramem.config import data_dir as resolve_data_dir
 from loramem.errors import LoramemError
@@ -95,9 +96,9 @@ def generate(n: int, seed: int = 0) -> list[Entry]:
 BITS_PER_NUMBER = math.log2(10**10)  # a 10-digit number
 
 
-def evaluate(memory, entries: list[Entry], mode: str = "lora", module: str | None = None) -> tuple[float, float]:
-    """(exact match, seconds per question) of asking every entry's question."""
-    answers = memory.ask_many([e.question for e in entries], mode=mode, module=module)
+def evaluate(memory, entries: list[Entry], mode: str = "lora", **ask) -> tuple[float, float]:
+    """(exact match, seconds per question) of asking every entry's question (`ask`: Memory.ask_many options)."""
+    answers = memory.ask_many([e.question for e in entries], mode=mode, **ask)
     hits = sum(phone_exact_match(a.text, e.phone) for a, e in zip(answers, entries))
     return hits / len(entries), sum(a.seconds for a in answers) / len(answers)
 
@@ -141,10 +142,8 @@ def sectors(entries: list[Entry], sector_size: str, count: int) -> list[list[Ent
 
 
 def _scored(memory, entries: list[Entry], **ask) -> dict:
-    answers = memory.ask_many([e.question for e in entries], **ask)
-    hits = [phone_exact_match(a.text, e.phone) for a, e in zip(answers, entries)]
-    return {"exact_match": sum(hits) / len(hits), "questions": len(hits),
-            "seconds_per_question": sum(a.seconds for a in answers) / len(answers)}
+    score, seconds = evaluate(memory, entries, **ask)
+    return {"exact_match": score, "questions": len(entries), "seconds_per_question": seconds}
 
 
 def run_sectors(memory, source: str = "128K", sector_size: str = "8K", count: int = 8, rank: int = 4,
@@ -167,7 +166,7 @@ def run_sectors(memory, source: str = "128K", sector_size: str = "8K", count: in
                for i, part in enumerate(parts)]
     gold = [m.id for m, part in zip(modules, parts) for _ in part]
     # The single module lives in a memory of its own, so routing and retrieval see only the sectors.
-    alone = type(memory).open(memory.path.with_name(memory.path.name + "-single"), create=True, base=memory.base)
+    alone = sibling_memory(memory, "single")
     single = alone.write(examples(everything), replace(lora, rank=rank * count), train_spec,
                          name=f"single-{count}x{sector_size}", progress=progress)
     sample = everything[:: max(1, len(everything) // max(1, context_questions))][:context_questions]
