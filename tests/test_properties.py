@@ -5,6 +5,7 @@ Small inputs and few examples per property, so the whole file runs in seconds on
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import string
@@ -12,7 +13,7 @@ import string
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from loramem.corpus import chunk_text
@@ -69,6 +70,17 @@ def token_starts(tokenizer, text: str) -> list[int]:
     return [start for start, _ in encoding["offset_mapping"]]
 
 
+def longest_run_of_one_start(tokenizer, text: str) -> int:
+    """The most consecutive tokens of the text that start on the same character (starts made non-decreasing,
+    as chunk_text makes them)."""
+    starts = list(itertools.accumulate(token_starts(tokenizer, text), max))
+    longest = run = 0
+    for i, start in enumerate(starts):
+        run = run + 1 if i and start == starts[i - 1] else 1
+        longest = max(longest, run)
+    return longest
+
+
 def check_common(tokenizer, text: str, chunk_tokens: int, overlap: int):
     chunks = chunk_text(text, tokenizer, chunk_tokens, overlap, doc_id="d")
     n = len(token_starts(tokenizer, text))
@@ -117,11 +129,11 @@ def test_chunks_cover_unicode_text_in_order(tokenizer, text, window):
 @FAST
 @given(text=texts, chunk_tokens=st.integers(5, 12), data=st.data())
 def test_chunks_share_characters_when_overlap_is_at_least_a_character(tokenizer, text, chunk_tokens, data):
-    # A UTF-8 character is at most 4 byte-level tokens, all with the character's offset, so a window of
-    # at least 4 tokens is never empty and an overlap of at least 4 tokens always shares a character.
-    # (An overlap of 1-3 tokens can fall inside one character, e.g. '0\U00010000' with chunk_tokens=4,
-    # overlap=3 gives '0' and '\U00010000': the promised token overlap, but no shared character.)
+    # Byte-level tokens of one character (and BPE merges across a character's last byte) all report the same
+    # start, so a window or overlap no longer than such a run can lie inside one character: '\U00040000:'
+    # gives five tokens starting at character 0. Longer windows and overlaps always hold a character.
     overlap = data.draw(st.integers(4, chunk_tokens - 1))
+    assume(overlap > longest_run_of_one_start(tokenizer, text))
     chunks = check_common(tokenizer, text, chunk_tokens, overlap)
     for c in chunks:
         assert c.text, c
@@ -131,8 +143,11 @@ def test_chunks_share_characters_when_overlap_is_at_least_a_character(tokenizer,
 
 @FAST
 @given(text=texts, chunk_tokens=st.integers(4, 12))
-def test_chunks_of_at_least_four_tokens_are_never_empty(tokenizer, text, chunk_tokens):
-    # With chunk_tokens < 4 a window can lie inside one character and come out empty ('😀' is 3 tokens).
+@example(text="\U00040000:\x08", chunk_tokens=6)  # five tokens start on its first character
+def test_chunks_longer_than_one_characters_tokens_are_never_empty(tokenizer, text, chunk_tokens):
+    # A window no longer than the tokens that start on one character can lie inside it and come out empty
+    # ('😀' is 3 tokens; '\U00040000:' is 5 tokens starting at character 0).
+    assume(chunk_tokens > longest_run_of_one_start(tokenizer, text))
     for c in check_common(tokenizer, text, chunk_tokens, 0):
         assert c.text, c
 

@@ -137,7 +137,7 @@ class Store:
 
     def modules(self) -> list[ModuleRecord]:
         with self._connect() as db:
-            rows = db.execute("SELECT * FROM modules ORDER BY created_at, id").fetchall()
+            rows = db.execute("SELECT * FROM modules ORDER BY rowid").fetchall()  # commit order
         db.close()
         return [_record(row) for row in rows]
 
