@@ -27,6 +27,7 @@ from loramem.merge import (
     lora_deltas,
     lora_factors,
     magnitude_prune,
+    merge,
     merged_weights,
     revert,
     ties,
@@ -81,6 +82,11 @@ def longest_run_of_one_start(tokenizer, text: str) -> int:
     return longest
 
 
+def split_at(prev, nxt) -> bool:
+    """Whether the character where `nxt` starts is also the last one of `prev` (its tokens were split)."""
+    return prev.text[-1:] == nxt.text[:1] != ""
+
+
 def check_common(tokenizer, text: str, chunk_tokens: int, overlap: int):
     chunks = chunk_text(text, tokenizer, chunk_tokens, overlap, doc_id="d")
     n = len(token_starts(tokenizer, text))
@@ -104,9 +110,11 @@ def check_common(tokenizer, text: str, chunk_tokens: int, overlap: int):
         assert prev.start_char <= nxt.start_char <= prev.end_char
         assert prev.end_char <= nxt.end_char
         if overlap == 0:
-            assert nxt.start_char == prev.end_char  # exact tiling
+            # Exact tiling, except that a character whose tokens a window boundary splits is in both chunks.
+            assert nxt.start_char == prev.end_char or (nxt.start_char + 1 == prev.end_char and split_at(prev, nxt))
     if overlap == 0:
-        assert "".join(c.text for c in chunks) == text
+        if all(prev.end_char == nxt.start_char for prev, nxt in zip(chunks, chunks[1:])):
+            assert "".join(c.text for c in chunks) == text
         assert sum(c.n_tokens for c in chunks) == n
     else:
         # Every token is in some chunk and the last chunk reaches the last token.
@@ -150,6 +158,23 @@ def test_chunks_longer_than_one_characters_tokens_are_never_empty(tokenizer, tex
     assume(chunk_tokens > longest_run_of_one_start(tokenizer, text))
     for c in check_common(tokenizer, text, chunk_tokens, 0):
         assert c.text, c
+
+
+@FAST
+@given(text=texts, window=windows)
+@example(text="\U00040000:\x08", window=(2, 0))  # five tokens start on one character: two windows inside it
+@example(text="a\U0001f600b", window=(1, 0))  # the emoji's three byte tokens, one window each
+def test_every_chunk_holds_the_characters_its_tokens_touch(tokenizer, text, window):
+    # However small the window, no chunk is empty and none loses part of a token: a character whose
+    # bytes are split between windows is in each of them.
+    chunk_tokens, overlap = window
+    chunks = check_common(tokenizer, text, chunk_tokens, overlap)
+    spans = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]
+    step = chunk_tokens - overlap
+    for i, c in enumerate(chunks):
+        assert c.text, c
+        for start, end in spans[i * step : i * step + c.n_tokens]:
+            assert c.start_char <= start and end <= c.end_char, (c, start, end)
 
 
 @FAST
@@ -220,6 +245,19 @@ def test_linear_is_the_weighted_sum(tv):
     # default weights are all 1
     for name, t in linear(deltas).items():
         torch.testing.assert_close(t, sum(d[name] for d in deltas), rtol=1e-5, atol=1e-5)
+
+
+@FAST
+@given(tv=task_vectors(min_modules=2), density=densities, data=st.data(),
+       method=st.sampled_from(["linear", "ties", "magnitude_prune"]))
+def test_merges_do_not_depend_on_the_order_of_the_modules(tv, density, data, method):
+    deltas, weights = tv
+    order = data.draw(st.permutations(range(len(deltas))))
+    params = {} if method == "linear" else {"density": density}
+    first = merge(deltas, method, weights, **params)
+    shuffled = merge([deltas[i] for i in order], method, [weights[i] for i in order], **params)
+    for name in first:
+        torch.testing.assert_close(shuffled[name], first[name], rtol=1e-5, atol=1e-5)
 
 
 @FAST

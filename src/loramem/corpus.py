@@ -292,18 +292,21 @@ def chunk_text(
 
     Chunk i runs from the first character of its first token to the first character of the token
     after its last one (the first chunk from 0, the last to the end of the text), so the chunks
-    cover every character and whitespace between tokens goes with the token before it. The
-    tokenizer must be a fast (Rust) Hugging Face tokenizer, which reports character offsets.
+    cover every character and whitespace between tokens goes with the token before it. A chunk
+    always holds every character its tokens touch: when a window ends inside a character (byte-level
+    tokens split an emoji into several), that character is in both chunks, and no chunk is empty.
+    The tokenizer must be a fast (Rust) Hugging Face tokenizer, which reports character offsets.
     A text without tokens gives no chunks.
     """
     _check_window(chunk_tokens, overlap)
-    starts = _token_starts(text, tokenizer)
+    starts, ends = _token_spans(text, tokenizer)
     chunks: list[Chunk] = []
     first = 0
     while first < len(starts):
         stop = min(first + chunk_tokens, len(starts))
         start_char = starts[first] if chunks else 0
-        end_char = starts[stop] if stop < len(starts) else len(text)
+        # max: a window ending inside a character would otherwise stop before that character starts.
+        end_char = max(starts[stop], ends[stop - 1]) if stop < len(starts) else len(text)
         piece = text[start_char:end_char]
         chunks.append(Chunk(doc_id, len(chunks), piece, start_char, end_char, stop - first))
         if stop == len(starts):
@@ -333,10 +336,12 @@ def _check_window(chunk_tokens: int, overlap: int) -> None:
         )
 
 
-def _token_starts(text: str, tokenizer) -> list[int]:
-    """Each token's first character; made non-decreasing so chunk spans can never go backwards."""
+def _token_spans(text: str, tokenizer) -> tuple[list[int], list[int]]:
+    """Each token's first character and the character after its last; both made non-decreasing so chunk
+    spans can never go backwards."""
     if not getattr(tokenizer, "is_fast", False):
         raise LoramemError(f"chunking needs a fast tokenizer with offsets, got {type(tokenizer).__name__}")
     # verbose=False: a long document is expected to exceed the model's context; no warning wanted.
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    return list(accumulate((start for start, _ in encoding["offset_mapping"]), max))
+    offsets = encoding["offset_mapping"]
+    return list(accumulate((start for start, _ in offsets), max)), list(accumulate((end for _, end in offsets), max))

@@ -90,8 +90,8 @@ class Store:
         return store
 
     @classmethod
-    def create(cls, path: str | Path, base_model: str, base_fingerprint: dict) -> Store:
-        """Create an empty memory bound to one base model, atomically."""
+    def create(cls, path: str | Path, base_model: str, base_fingerprint: dict, settings: dict | None = None) -> Store:
+        """Create an empty memory bound to one base model (and memory-wide `settings`), atomically."""
         path = Path(path)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise LoramemError(f"{path} exists and is not a loramem memory")
@@ -105,12 +105,14 @@ class Store:
                     ("base_model", base_model),
                     ("base_fingerprint", json.dumps(base_fingerprint, sort_keys=True)),
                     ("created_at", now()),
+                    *sorted((settings or {}).items()),
                 ])
             db.close()
             (tmp / "modules").mkdir()
             if path.exists():
                 path.rmdir()  # an empty folder the user made for it
             os.rename(tmp, path)
+            _fsync(path.parent)  # the rename itself survives a power cut
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -166,6 +168,9 @@ class Store:
     def commit(self, staged: Path, record: ModuleRecord) -> None:
         """Move a fully written module folder into place and add its manifest row, atomically."""
         target = self.module_dir(record.id)
+        for file in staged.rglob("*"):  # on disk before the row that lists them (a power cut, not just a kill)
+            if file.is_file():
+                _fsync(file)
         db = self._connect()
         try:
             with db:  # one transaction: the row becomes visible only if the rename succeeded
@@ -179,6 +184,7 @@ class Store:
                 if target.exists():  # left by a crash between rename and commit: no row, so not a module
                     shutil.rmtree(target)
                 os.rename(staged, target)
+                _fsync(target.parent)
         except sqlite3.IntegrityError:
             shutil.rmtree(staged, ignore_errors=True)
             raise LoramemError(f"module {record.id} is already in {self.path}") from None
@@ -237,6 +243,15 @@ def writer_lock(path: str | Path):
     finally:
         lock_path.unlink(missing_ok=True)
         handle.close()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def now() -> str:
