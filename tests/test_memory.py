@@ -194,3 +194,30 @@ def test_facts_sharded_by_tokens(tiny, tmp_path):
     assert [m.id for m in memory.modules()] == [r.id for r in records]
     with pytest.raises(LoramemError, match="at least 1 token"):
         list(memory.write_shards(facts, 0))
+
+
+def test_chat_prompts_are_trained_and_answered_alike(tiny, tmp_path):
+    memory = Memory.open(tmp_path / "chat.mem", create=True, base=tiny, prompt="chat")
+    # Trained past the first exact recall so that merged and unmerged float rounding cannot flip a near tie.
+    spec = TrainSpec(lr=1e-2, epochs=60, batch_size=2, target_recall=None)
+    record = memory.write(facts_from_text(FACTS), lora=LoraSpec(rank=8), train_spec=spec, progress=False)
+    assert record.recall == 1.0  # recall is measured on the chat-rendered prompts
+    answer = memory.ask("What is the phone number of Ann Lee?")
+    assert answer.text == "603-556-7631"
+    assert memory.examples(record)[0].prompt.startswith("Question:")  # stored in the plain form
+    reopened = Memory.open(tmp_path / "chat.mem", base=tiny)
+    assert reopened.prompt == "chat" and reopened.ask("What is the phone number of Bo Kim?").text == "705-882-9365"
+    with pytest.raises(LoramemError, match="written with chat prompts"):
+        Memory.open(tmp_path / "chat.mem", base=tiny, prompt="plain")
+    with pytest.raises(LoramemError, match="unknown prompt style"):
+        Memory.open(tmp_path / "other.mem", create=True, base=tiny, prompt="fancy")
+
+
+def test_chat_prompt_is_the_user_turn_of_the_template(tiny):
+    from loramem.answer import render_example, render_prompt
+
+    prompt = render_prompt(tiny.tokenizer, "Question: Who? Answer:", "Some context.", style="chat")
+    assert "user\nSome context.\n\nQuestion: Who?<|im_end|>" in prompt and prompt.endswith("assistant\n")
+    closed = render_example(tiny.tokenizer, Example("Question: Who? Answer:", " Ann"), "chat")
+    assert closed.answer == "Ann" and "user\nWho?<|im_end|>" in closed.prompt
+    assert render_example(tiny.tokenizer, Example("", "plain text"), "chat") == Example("", "plain text")

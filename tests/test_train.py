@@ -136,3 +136,67 @@ def test_peft_variants_train_and_answer(tiny, tmp_path, variant):
     # The base is untouched (PiSSA rewrites it while training) and the saved module applies to it.
     assert all(torch.equal(before[k], v) for k, v in tiny.model.state_dict().items())
     assert memory.ask("What is the phone number of Ann Lee?").text.startswith("603-556-7631")
+
+
+CONTEXT = "Ann Lee can be reached at 603-556-7631. Bo answers at 705-882-9365."
+
+
+def test_distill_loss_is_zero_only_when_student_matches_teacher():
+    from loramem.train import distill_loss, sparse_logp
+
+    logits = torch.randn(5, 50) * 3
+    index, teacher = sparse_logp(logits, None, 8, 2.0)
+    assert teacher.exp().sum(-1).allclose(torch.ones(5))  # top 8 and the rest bucket cover everything
+    assert distill_loss(logits, index, teacher, 2.0).abs() < 1e-6
+    assert distill_loss(logits + torch.randn(5, 50), index, teacher, 2.0) > 1e-3
+    tail = logits.clone()
+    tail.scatter_(1, index, float("-inf"))  # mass moved only among the tokens outside the teacher's top 8
+    outside = tail.argmax(-1, keepdim=True)
+    moved = logits.scatter_add(1, outside, torch.full((5, 1), 5.0))
+    assert distill_loss(moved, index, teacher, 2.0) > 1e-3  # the rest bucket sees it
+
+
+@pytest.mark.parametrize("loss_on", ["answer", "all"])
+def test_cached_teacher_targets_equal_a_fresh_plain_forward(tiny, loss_on):
+    from loramem.train import sparse_logp, teacher_targets
+
+    spec = TrainSpec(objective="distill", distill_top_k=4, loss_on=loss_on, precision="fp32")
+    encoded = encode(tiny.tokenizer, EXAMPLES + [Example("", "Plain text is distilled at every token.")])
+    context_ids = tiny.tokenizer(CONTEXT + "\n\n", add_special_tokens=False).input_ids
+    with attached(tiny.model, LoraSpec(rank=2)) as model:
+        for name, p in model.named_parameters():  # a non-zero adapter, which the teacher must not see
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.5)
+        teacher_targets(model, tiny.tokenizer, encoded, CONTEXT, spec, max_labels=30)  # several groups
+    for e in encoded:
+        ids = torch.tensor([context_ids + e.ids])  # the tiny tokenizer adds no BOS
+        first = max(e.n_prompt if loss_on == "answer" else 1, 1)
+        logits = tiny.model(input_ids=ids).logits[0, len(context_ids) + first - 1 : -1]
+        index, logp = sparse_logp(logits, None, 4, 1.0)
+        assert torch.equal(e.teacher.index, index)
+        assert e.teacher.logp.allclose(logp, atol=1e-4)
+
+
+def test_distill_training_moves_the_student_towards_the_teacher(tiny):
+    spec = TrainSpec(objective="distill", lr=1e-2, epochs=30, batch_size=2, target_recall=None, precision="fp32")
+    encoded_before = encode(tiny.tokenizer, EXAMPLES)
+    with attached(tiny.model, LoraSpec(rank=4)) as model:
+        from loramem.train import distill_loss, teacher_targets
+
+        teacher_targets(model, tiny.tokenizer, encoded_before, CONTEXT, spec)
+
+        def kl() -> float:
+            batch = pack(encoded_before, "answer", pad_id=tiny.tokenizer.pad_token_id)
+            with torch.no_grad():
+                logits = supervised_logits(model, batch)
+            return float(distill_loss(logits, torch.cat([e.teacher.index for e in encoded_before]),
+                                      torch.cat([e.teacher.logp for e in encoded_before])))
+
+        untrained = kl()
+        stats = train(model, tiny.tokenizer, EXAMPLES, spec, progress=False, context=CONTEXT)
+        assert kl() < 0.5 * untrained and stats.final_loss < untrained
+    with pytest.raises(LoramemError, match="needs the documents"):
+        with attached(tiny.model, LoraSpec(rank=4)) as model:
+            train(model, tiny.tokenizer, EXAMPLES, spec, progress=False)
+    with pytest.raises(LoramemError, match="objective must be"):
+        TrainSpec(objective="kd")

@@ -24,6 +24,9 @@ log = logging.getLogger("loramem")
 WEIGHTS = ("base", "lora", "multi")
 CONTEXTS = ("icl", "rag")
 MODES = ("base", "icl", "rag", "lora", "multi", "lora+icl", "lora+rag", "multi+icl", "multi+rag")
+# How a question is put to the model, the same in training and answering: the paper's bare "Question: ...
+# Answer:" (plain), or the user turn of the model's chat template (chat; instruct models answer it readily).
+PROMPT_STYLES = ("plain", "chat")
 
 
 def parse_mode(mode: str) -> tuple[str, str | None]:
@@ -61,6 +64,38 @@ def closed_book_prompt(question: str) -> str:
 
 def icl_prompt(question: str, context: str) -> str:
     return f"{context.strip()}\n\n{closed_book_prompt(question)}"
+
+
+def chat_prompt(tokenizer, question: str, context: str | None = None) -> str:
+    """The question (after its context) as the user's turn of the model's chat template, ready for the answer.
+
+    A BOS the template writes is left to the tokenizer, which adds its own: one BOS, as in plain prompts.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise LoramemError("the base model has no chat template; use the plain prompt style")
+    question = closed_book_prompt(question).removesuffix(" Answer:")
+    content = f"{context.strip()}\n\n{question}" if context else question.removeprefix("Question: ")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    adds_bos = bos is not None and tokenizer("").input_ids[:1] == [tokenizer.bos_token_id]
+    return text[len(bos):] if adds_bos and text.startswith(bos) else text
+
+
+def render_prompt(tokenizer, question: str, context: str | None = None, style: str = "plain") -> str:
+    """The prompt a question is trained and answered with, in one of PROMPT_STYLES."""
+    if style == "chat":
+        return chat_prompt(tokenizer, question, context)
+    if style != "plain":
+        raise LoramemError(f"unknown prompt style {style!r}; choose one of {', '.join(PROMPT_STYLES)}")
+    return icl_prompt(question, context) if context else closed_book_prompt(question)
+
+
+def render_example(tokenizer, example, style: str):
+    """A training example in the prompt style (stored examples keep the plain "Question: ... Answer:" form)."""
+    if style == "plain" or not example.prompt.startswith("Question:"):
+        return example  # plain texts (original, summary, rewrite) are trained as they are in every style
+    return type(example)(render_prompt(tokenizer, example.prompt, style=style), example.answer.strip())
 
 
 def fit_context(tokenizer, context: str, budget: int) -> str:
@@ -152,6 +187,13 @@ def read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         tensors = load_file(weights)
     except (OSError, json.JSONDecodeError, SafetensorError) as err:
         raise LoramemError(f"cannot read adapter in {folder}: {str(err).splitlines()[0]}") from None
+    rank = config.get("r")
+    if not isinstance(rank, int) or rank <= 0:  # adapter_scale divides by it
+        raise LoramemError(f"cannot read adapter in {folder}: adapter_config.json has rank r={rank!r}")
+    odd = next((name for name in tensors if ".lora_A." not in name and ".lora_B." not in name
+                and "lora_magnitude_vector" not in name), None)
+    if odd is not None:
+        raise LoramemError(f"cannot read adapter in {folder}: unexpected tensor {odd!r}")
     return config, tensors
 
 

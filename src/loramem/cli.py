@@ -24,7 +24,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Store knowle
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks; every one prints a table, or one JSON object with --json.")
 app.add_typer(bench_app, name="bench")
 console = Console()
-notices = Console(stderr=True)
+notices = Console(stderr=True, soft_wrap=True)  # a notice is one line, however long its path
 GENERATORS = ("hf", "openai")  # warnings and skips: stdout stays a clean table or JSON
 
 ModelOpt = typer.Option(None, "--model", help=f"registry name ({DEFAULT_MODEL}, tiny), HF folder or .gguf file")
@@ -38,17 +38,22 @@ JudgeOpt = typer.Option(None, "--judge-model", help="also score answers with thi
                         "endpoint (0-10 rubric)")
 KeepOpt = typer.Option(None, "--memory", help="keep the modules in this memory (reruns reuse them)")
 OutOpt = typer.Option(None, "--out", help="also save the result as JSON here")
+ObjectiveOpt = typer.Option("ntp", "--objective", help="ntp (next-token loss on the synthetic data) or distill "
+                            "(match the model that reads the document in its prompt)")
+PromptOpt = typer.Option(None, "--prompt", help="prompt style of a new memory, the same in training and answering: "
+                         "plain (\"Question: ... Answer:\") or chat (the model's chat template)")
 
 
 def _specs(rank, alpha, targets, layers, lr, epochs, batch_size, seed, loss_on, target_recall,
-           variants: str = "") -> tuple[LoraSpec, TrainSpec]:
+           variants: str = "", objective: str = "ntp") -> tuple[LoraSpec, TrainSpec]:
     chosen = {v.strip() for v in variants.split(",") if v.strip()}
     if chosen - {"rslora", "dora", "pissa"}:
         raise LoramemError(f"unknown LoRA variant(s) {', '.join(sorted(chosen))}: choose from rslora, dora, pissa")
     lora = LoraSpec(rank=rank, alpha=alpha, targets=targets, layers=layers,
                     rslora="rslora" in chosen, dora="dora" in chosen, pissa="pissa" in chosen)
     recall = None if target_recall <= 0 else target_recall
-    return lora, TrainSpec(lr=lr, epochs=epochs, batch_size=batch_size, seed=seed, loss_on=loss_on, target_recall=recall)
+    return lora, TrainSpec(lr=lr, epochs=epochs, batch_size=batch_size, seed=seed, loss_on=loss_on, target_recall=recall,
+                           objective=objective)
 
 
 def _table(title: str, rows: list[dict]) -> None:
@@ -73,7 +78,11 @@ def write(
     questions: int = QuestionsOpt,
     summaries: int = typer.Option(1), rewrites: int = typer.Option(1),
     one_module: bool = typer.Option(False, "--one-module", help="one module for all documents"),
-    shard_tokens: int = typer.Option(0, help="facts: one module per this many tokens of facts (0: one module)"),
+    shard_tokens: str = typer.Option("0", help="facts: one module per this many tokens of facts (0: one module), "
+                                     "or auto: as many as one module of this spec was measured to hold"),
+    capacity: Optional[Path] = typer.Option(None, help="with --shard-tokens auto: measured capacity, a memory folder "
+                                            "or benchmark JSON (default: this memory's own modules)"),
+    threshold: float = typer.Option(0.95, help="with --shard-tokens auto: the exact recall a module must keep"),
     strict: bool = typer.Option(False, help="stop at an unreadable or empty document instead of skipping it"),
     generator: str = GeneratorOpt,
     generator_model: Optional[str] = GeneratorModelOpt,
@@ -93,14 +102,21 @@ def write(
     loss_on: str = typer.Option("answer", help="answer or all"),
     target_recall: float = typer.Option(1.0, help="stop at this exact recall of the facts (0: never)"),
     name: Optional[str] = typer.Option(None, help="module name"),
+    prompt: Optional[str] = PromptOpt,
+    objective: str = ObjectiveOpt,
+    executor: str = typer.Option("inprocess", help="where modules train: inprocess, or ray (a task per module, "
+                                 "one GPU each on a cluster with GPUs); the store is written here either way"),
+    address: Optional[str] = typer.Option(None, help="ray: the cluster (auto, or ray://host:10001); "
+                                          "default: a Ray started for this write"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Train memory modules on facts or documents and commit them into MEMORY."""
     from loramem.bench import phonebook as pb
+    from loramem.executor import make_executor
     from loramem.memory import Memory, facts_from_file
 
     lora, train_spec = _specs(rank, alpha, targets, layers, lr, epochs, batch_size, seed, loss_on, target_recall,
-                              variants)
+                              variants, objective)
     if fmt != "facts":
         if phonebook or not files:
             raise LoramemError("--format writes documents: give files or folders (not --phonebook)")
@@ -116,12 +132,13 @@ def write(
             notices.print(f"[yellow]skipped[/] {where}: {reason}", highlight=False)
         if not docs:
             raise LoramemError(f"no readable documents in {', '.join(map(str, files))} ({len(skipped)} skipped)")
-        mem = Memory.open(memory, model=model, create=True)
+        mem = Memory.open(memory, model=model, create=True, prompt=prompt)
         gen = _generator(generator, generator_model, base_url, mem) if set(synth.formats) != {"original"} else None
         rows, empty = [], 0
         total = 1 if one_module else len(docs)
+        runner = make_executor(executor, address)
         for i, (record, reports) in enumerate(mem.write_documents(docs, synth, gen, lora, train_spec, one_module,
-                                                                  progress=not as_json), 1):
+                                                                  progress=not as_json, executor=runner), 1):
             if record is None:
                 empty += 1
                 continue
@@ -142,14 +159,34 @@ def write(
         examples = [e for f in files for e in facts_from_file(f)]
     else:
         raise LoramemError("give facts files or --phonebook SIZE")
-    mem = Memory.open(memory, model=model, create=True)
+    mem = Memory.open(memory, model=model, create=True, prompt=prompt)
     label = name or (f"phonebook-{phonebook}" if phonebook else None)
-    if shard_tokens:
-        rows = [_written(r) for r in mem.write_shards(examples, shard_tokens, lora, train_spec, name=label or "shard")]
+    per_module = _shard_tokens(shard_tokens, capacity or Path(memory), threshold, mem, lora)
+    if per_module:
+        rows = [_written(r) for r in mem.write_shards(examples, per_module, lora, train_spec, name=label or "shard",
+                                                      executor=make_executor(executor, address))]
         _print_json({"memory": str(memory), "modules": rows}) if as_json else _table(f"wrote {memory}", rows)
         return
-    summary = _written(mem.write(examples, lora=lora, train_spec=train_spec, name=label))
+    summary = _written(mem.write(examples, lora=lora, train_spec=train_spec, name=label,
+                                 executor=make_executor(executor, address)))
     _print_json(summary) if as_json else _table(f"wrote {memory}", [summary])
+
+
+def _shard_tokens(value: str, capacity: Path, threshold: float, memory, lora) -> int:
+    """--shard-tokens: a number, or auto (from measured capacity; see loramem.capacity)."""
+    from loramem import capacity as cap
+
+    if value.strip().lower() != "auto":
+        try:
+            return int(value)
+        except ValueError:
+            raise LoramemError(f"--shard-tokens must be a number of tokens or auto, got {value!r}") from None
+    if not capacity.exists():
+        raise LoramemError(f"--shard-tokens auto needs measured capacity: {capacity} does not exist (--capacity)")
+    tokens = cap.module_tokens(cap.trainable_params(memory.base.model, lora), cap.cells_from(capacity, memory), lora,
+                               threshold)
+    notices.print(f"capacity-aware sizing: {tokens} tokens of facts per rank-{lora.rank} module", highlight=False)
+    return tokens
 
 
 def _written(record) -> dict:
@@ -210,6 +247,55 @@ def inspect(memory: Path = typer.Argument(...), as_json: bool = typer.Option(Fal
         _table(f"{memory} ({store.base_model})", rows)
     else:
         console.print(f"{memory}: no modules ({store.base_model})")
+
+
+@app.command()
+def export(
+    memory: Path = typer.Argument(...),
+    vllm: Path = typer.Option(..., "--vllm", help="new folder to write the adapters and vLLM arguments into"),
+    modules: Optional[str] = typer.Option(None, "--modules", help="module ids or names, comma-separated (default: all)"),
+    merged: list[str] = typer.Option(None, "--merged", help="also a merged set as one adapter: id+id+id[:method] "
+                                     "(default ties); repeatable"),
+    merged_rank: Optional[int] = typer.Option(None, help="rank of merged adapters (default: the members' ranks "
+                                              "summed, rounded up to a rank vLLM accepts)"),
+    base_model: Optional[str] = typer.Option(None, help="the model vLLM serves (default: the memory's base model "
+                                             "folder)"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Export MEMORY's modules as PEFT adapters vLLM loads, with the `vllm serve` arguments."""
+    from loramem.export import export_vllm, parse_merge_set
+
+    chosen = [m.strip() for m in modules.split(",") if m.strip()] if modules else None
+    result = export_vllm(memory, vllm, chosen, [parse_merge_set(m) for m in merged or []], merged_rank, base_model)
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    _table(f"exported to {result.out}", [{
+        "adapter": a.name, "rank": a.rank, "modules": ", ".join(m[:8] for m in a.modules), "merge": a.method or "",
+        "svd_error": "" if a.relative_error is None else f"{a.relative_error:.2e}",
+    } for a in result.adapters])
+    for note in result.notes:
+        notices.print(f"[yellow]note[/] {note}", highlight=False)
+    console.print(result.to_dict()["command"], highlight=False, soft_wrap=True)
+
+
+@app.command()
+def serve(
+    memories: list[str] = typer.Option(..., "--memory", help="NAME=PATH, repeatable; a missing PATH is created by "
+                                       "its first documents job"),
+    host: str = typer.Option("127.0.0.1", help="address to bind (127.0.0.1: this machine only)"),
+    port: int = typer.Option(8000),
+    api_key: Optional[str] = typer.Option(None, envvar="LORAMEM_API_KEY", help="require Authorization: Bearer KEY"),
+    model: Optional[str] = ModelOpt,
+    max_body: int = typer.Option(1_000_000, help="largest request body in bytes (413 above)"),
+    max_batch: int = typer.Option(16, help="questions answered in one batch (1: no batching)"),
+    batch_window_ms: float = typer.Option(5.0, help="how long to wait for more questions to batch"),
+    log_level: str = typer.Option("info", help="uvicorn log level"),
+):
+    """Serve memories over an OpenAI-compatible API (/v1/models, /v1/chat/completions, documents jobs)."""
+    from loramem.serve import serve as run_server
+
+    run_server(memories, host, port, api_key, model, max_body, batch_window_ms / 1000, max_batch, log_level)
 
 
 @bench_app.command("phonebook")
@@ -290,12 +376,15 @@ def bench_paperqa(
     lr: float = typer.Option(TrainSpec.lr),
     epochs: int = typer.Option(TrainSpec.epochs),
     baselines: bool = typer.Option(True, help="also score the base model alone and with the introduction in the prompt"),
+    rag: bool = typer.Option(False, help="also score every setting with the top 3 retrieved passages in the prompt"),
     generator: str = GeneratorOpt,
     generator_model: Optional[str] = GeneratorModelOpt,
     base_url: Optional[str] = BaseUrlOpt,
     judge_model: Optional[str] = JudgeOpt,
     model: Optional[str] = ModelOpt,
     data_dir: Optional[Path] = DataDirOpt,
+    prompt: Optional[str] = PromptOpt,
+    objective: str = ObjectiveOpt,
     memory: Optional[Path] = KeepOpt,
     out: Optional[Path] = OutOpt,
     as_json: bool = typer.Option(False, "--json"),
@@ -306,10 +395,10 @@ def bench_paperqa(
     from loramem.synth import SynthSpec
 
     chosen, lora, train_spec, judge = _paperqa_setup(fmt, papers, data_dir, rank, targets, layers, lr, epochs,
-                                                     base_url, judge_model)
-    with _bench_memory(memory, model, generator, generator_model, base_url) as (mem, gen):
+                                                     base_url, judge_model, objective)
+    with _bench_memory(memory, model, generator, generator_model, base_url, prompt) as (mem, gen):
         result = paperqa.run(mem, chosen, fmt, SynthSpec(questions=questions), gen, lora, train_spec,
-                             baselines=baselines, judge=judge, progress=not as_json)
+                             baselines=baselines, judge=judge, progress=not as_json, rag=rag)
     _emit(result, out, as_json, f"PaperQA: {len(chosen)} papers, {result['questions']} questions, rank {rank}",
           ("format", "train_tokens", "rouge_l", "bleu", "f1", "judge"))
 
@@ -333,6 +422,8 @@ def bench_paperqa_multi(
     judge_model: Optional[str] = JudgeOpt,
     model: Optional[str] = ModelOpt,
     data_dir: Optional[Path] = DataDirOpt,
+    prompt: Optional[str] = PromptOpt,
+    objective: str = ObjectiveOpt,
     memory: Optional[Path] = KeepOpt,
     out: Optional[Path] = OutOpt,
     as_json: bool = typer.Option(False, "--json"),
@@ -348,15 +439,55 @@ def bench_paperqa_multi(
     if unknown:
         raise LoramemError(f"unknown merge method {unknown[0]!r}; choose from {', '.join(MERGE_METHODS)}")
     chosen, lora, train_spec, judge = _paperqa_setup([fmt], papers, data_dir, rank, targets, layers, lr, epochs,
-                                                     base_url, judge_model)
-    with _bench_memory(memory, model, generator, generator_model, base_url) as (mem, gen):
+                                                     base_url, judge_model, objective)
+    with _bench_memory(memory, model, generator, generator_model, base_url, prompt) as (mem, gen):
         result = paperqa.run_routing(mem, chosen, fmt, SynthSpec(questions=questions), gen, lora, train_spec, router,
                                      methods, max_merged, judge, progress=not as_json)
     _emit(result, out, as_json, f"PaperQA, a module per paper: {len(chosen)} papers, {result['questions']} questions",
-          ("setting", "rouge_l", "bleu", "f1", "judge"))
+          ("setting", "rouge_l", "bleu", "f1", "judge", "s_per_question", "merge_s"))
 
 
-def _paperqa_setup(formats, papers, data_dir, rank, targets, layers, lr, epochs, base_url, judge_model):
+@bench_app.command("narrativeqa")
+def bench_narrativeqa(
+    fmt: str = typer.Option("qa", "--format", help="training format of each module"),
+    stories: int = typer.Option(5, help="the first N dev stories"),
+    per: str = typer.Option("story", help="a module per story, or per chunk of a story"),
+    chunk_tokens: int = typer.Option(256, help="tokens per chunk with --per chunk"),
+    questions: int = QuestionsOpt,
+    rank: int = typer.Option(16),
+    targets: str = typer.Option("all"),
+    layers: str = typer.Option("all"),
+    lr: float = typer.Option(TrainSpec.lr),
+    epochs: int = typer.Option(TrainSpec.epochs),
+    router: str = typer.Option("dense", help="router for the routed modules and RAG passages"),
+    generator: str = GeneratorOpt,
+    generator_model: Optional[str] = GeneratorModelOpt,
+    base_url: Optional[str] = BaseUrlOpt,
+    model: Optional[str] = ModelOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+    prompt: Optional[str] = PromptOpt,
+    objective: str = ObjectiveOpt,
+    memory: Optional[Path] = KeepOpt,
+    out: Optional[Path] = OutOpt,
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """NarrativeQA: context (none, icl, rag) against modules (none, one for all, routed top 1, top 3 merged),
+    scored by ROUGE-L."""
+    from loramem.bench import narrativeqa
+    from loramem.synth import SynthSpec, parse_formats
+
+    parse_formats(fmt)
+    chosen = narrativeqa.load(data_dir, stories)
+    lora, train_spec = _specs(rank, None, targets, layers, lr, epochs, 8, 0, "answer", 1.0, objective=objective)
+    with _bench_memory(memory, model, generator, generator_model, base_url, prompt) as (mem, gen):
+        result = narrativeqa.run(mem, chosen, fmt, SynthSpec(questions=questions), gen, lora, train_spec, per,
+                                 chunk_tokens, router, progress=not as_json)
+    _emit(result, out, as_json, f"NarrativeQA: {len(chosen)} stories, {result['questions']} questions, "
+          f"{result['modules']} modules ({per})", ("context", "modules", "rouge_l", "s_per_question"))
+
+
+def _paperqa_setup(formats, papers, data_dir, rank, targets, layers, lr, epochs, base_url, judge_model,
+                   objective="ntp"):
     """Check the formats, load the papers, and build the specs and the optional judge of a PaperQA study."""
     from loramem.bench import paperqa
     from loramem.bench.judge import Judge
@@ -365,18 +496,18 @@ def _paperqa_setup(formats, papers, data_dir, rank, targets, layers, lr, epochs,
     for f in formats:
         parse_formats(f)
     chosen = paperqa.load(data_dir, papers)
-    lora, train_spec = _specs(rank, None, targets, layers, lr, epochs, 8, 0, "answer", 1.0)
+    lora, train_spec = _specs(rank, None, targets, layers, lr, epochs, 8, 0, "answer", 1.0, objective=objective)
     judge = Judge(OpenAIGenerator(base_url=base_url, model=judge_model)) if judge_model else None
     return chosen, lora, train_spec, judge
 
 
 @contextmanager
-def _bench_memory(memory, model, generator, generator_model, base_url):
+def _bench_memory(memory, model, generator, generator_model, base_url, prompt=None):
     """The memory a study writes into (kept when named, else temporary) and its data generator."""
     from loramem.memory import Memory
 
     with tempfile.TemporaryDirectory() as tmp:
-        mem = Memory.open(memory or Path(tmp) / "memory", model=model, create=True)
+        mem = Memory.open(memory or Path(tmp) / "memory", model=model, create=True, prompt=prompt)
         yield mem, _generator(generator, generator_model, base_url, mem)
 
 

@@ -104,6 +104,9 @@ class LoraSpec:
         return asdict(self)
 
 
+OBJECTIVES = ("ntp", "distill")
+
+
 @dataclass
 class TrainSpec:
     """How one module is trained.
@@ -123,6 +126,11 @@ class TrainSpec:
     clip_norm:     clip the gradient norm to this (None: no clipping); keeps high learning rates stable.
     b_lr_ratio:    learning rate of the B factors relative to A (LoRA+, Hayou et al. 2024; 1 = plain LoRA).
     precision:     "auto" (bf16 autocast where the hardware has bf16 matmul, else fp32), "bf16", "fp32".
+    objective:     "ntp" (next-token loss on the examples, the paper's) or "distill" (context distillation, as in
+                   Knowledge Modules: match the base model that reads the module's documents in its prompt, on
+                   the same continuations; see train.distill_loss).
+    distill_top_k: teacher tokens kept per position (the rest of its probability is one more bucket).
+    distill_temperature: softening of both distributions in the distillation loss.
     """
 
     lr: float = 5e-3
@@ -138,6 +146,9 @@ class TrainSpec:
     weight_decay: float = 0.0
     clip_norm: float | None = 1.0
     b_lr_ratio: float = 1.0
+    objective: str = "ntp"
+    distill_top_k: int = 32
+    distill_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -156,9 +167,17 @@ class TrainSpec:
             raise LoramemError(f"b_lr_ratio must be positive, got {self.b_lr_ratio}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise LoramemError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.objective not in OBJECTIVES:
+            raise LoramemError(f"objective must be {' or '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.distill_top_k < 1 or self.distill_temperature <= 0:
+            raise LoramemError("distill_top_k must be at least 1 and distill_temperature positive")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        spec = asdict(self)
+        if self.objective == "ntp":  # settings that cannot change an ntp module stay out of its id
+            for key in ("objective", "distill_top_k", "distill_temperature"):
+                spec.pop(key)
+        return spec
 
 
 def cache_dir() -> Path:

@@ -12,31 +12,61 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import logging
 import json
+import logging
 import time
-from contextlib import contextmanager
-from dataclasses import asdict
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from loramem.answer import (
-    Answer, Timing, closed_book_prompt, fit_context, generate, icl_prompt, modules_applied, parse_mode,
+    PROMPT_STYLES,
+    Answer,
+    Timing,
+    adapter_config,
+    fit_context,
+    generate,
+    modules_applied,
+    parse_mode,
+    render_example,
+    render_prompt,
 )
 from loramem.config import LoraSpec, TrainSpec
 from loramem.corpus import Document, chunk_text
 from loramem.errors import LoramemError
+from loramem.executor import InProcess, TrainJob
 from loramem.merge import MergeCache
-from loramem.models import DEFAULT_MODEL, KNOWN, Base, cached_fingerprint, load_base, same_base
+from loramem.models import (
+    DEFAULT_MODEL,
+    KNOWN,
+    Base,
+    cached_fingerprint,
+    load_base,
+    resolve,
+    same_base,
+)
 from loramem.route import Hit, Router, make_router
 from loramem.store import MANIFEST, ModuleRecord, Store, now, writer_lock
-from loramem.train import Example, attached, save_adapter, train
+from loramem.train import Example
 
 log = logging.getLogger("loramem")
 EXAMPLES_FILE = "examples.jsonl"
 DOCUMENTS_FILE = "documents.jsonl"  # the documents a module was written from: ICL context and routing keys
 # RAG passages and routing keys: windows that fit the sentence encoder (all-MiniLM-L6-v2 reads 256 word pieces).
 RAG_CHUNK_TOKENS, RAG_OVERLAP = 192, 32
+MAX_FACTS_BYTES = 100_000_000  # as corpus.DEFAULT_MAX_BYTES for documents
 DEFAULT_TOP_K = 3  # modules merged (multi) and passages retrieved (rag) when top_k is not given
+
+
+@dataclass
+class _Pending:
+    """A module submitted for training: what its commit needs beside the trained adapter."""
+
+    name: str | None
+    examples: list[Example]  # as given (stored so), not as rendered for training
+    documents: list[Document]
+    digest: str
+    tags: list  # what the caller gets back with the record (one per identical batch)
 
 
 def facts_from_text(text: str, source: str = "text") -> list[Example]:
@@ -60,6 +90,9 @@ def facts_from_file(path: str | Path) -> list[Example]:
     path = Path(path)
     if not path.is_file():
         raise LoramemError(f"no such file: {path}")
+    size = path.stat().st_size
+    if size > MAX_FACTS_BYTES:  # read whole and trained into one module: refuse before reading
+        raise LoramemError(f"{path} is too large ({size} bytes; a facts file is read whole, at most {MAX_FACTS_BYTES})")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
@@ -77,10 +110,11 @@ def data_hash(examples: list[Example]) -> str:
 class Memory:
     """A folder of memory modules over one base model."""
 
-    def __init__(self, path: Path, model: str, store: Store | None, base: Base | None = None):
+    def __init__(self, path: Path, model: str, store: Store | None, base: Base | None = None, prompt: str = "plain"):
         self.path = path
         self.model_name = model
         self.store = store  # None until the first module is committed
+        self.prompt = store.meta().get("prompt", "plain") if store else prompt  # see answer.PROMPT_STYLES
         self._base = base
         self._indexes: dict[str, Router] = {}
         # Merged weights of the last module sets answered with (a set asked again costs a pointer swap); each
@@ -88,20 +122,28 @@ class Memory:
         self._merge_cache = MergeCache(maxsize=2)
 
     @classmethod
-    def open(cls, path: str | Path, model: str | None = None, create: bool = False, base: Base | None = None) -> Memory:
+    def open(cls, path: str | Path, model: str | None = None, create: bool = False, base: Base | None = None,
+             prompt: str | None = None) -> Memory:
         """Open a memory; with create=True a missing one is created on the first write.
 
         `model` defaults to the memory's own base model (or smollm2-135m for a new memory); a different
         one is refused when loaded. `base` passes an already loaded model (it must be the same one).
+        `prompt` is the prompt style of a new memory (answer.PROMPT_STYLES; default plain); an existing memory
+        keeps its own, and asking for another is refused.
         """
+        if prompt is not None and prompt not in PROMPT_STYLES:
+            raise LoramemError(f"unknown prompt style {prompt!r}; choose one of {', '.join(PROMPT_STYLES)}")
         path = Path(path)
         if model is not None and model not in KNOWN and Path(model).exists():
             model = str(Path(model).resolve())  # the manifest must find it from any working directory
         empty_folder = path.is_dir() and not any(path.iterdir())
         if not create or (path.exists() and not empty_folder):
             store = Store.open(path)
-            return cls(path, model or store.base_model, store, base)
-        return cls(path, model or (base.name if base else DEFAULT_MODEL), None, base)
+            memory = cls(path, model or store.base_model, store, base)
+            if prompt is not None and prompt != memory.prompt:
+                raise LoramemError(f"{path} was written with {memory.prompt} prompts; it cannot take {prompt} ones")
+            return memory
+        return cls(path, model or (base.name if base else DEFAULT_MODEL), None, base, prompt or "plain")
 
     @property
     def base(self) -> Base:
@@ -121,46 +163,99 @@ class Memory:
         return self.store.modules() if self.store else []
 
     def write(self, examples: list[Example], lora: LoraSpec | None = None, train_spec: TrainSpec | None = None,
-              name: str | None = None, progress: bool = True, documents: list[Document] = ()) -> ModuleRecord:
+              name: str | None = None, progress: bool = True, documents: list[Document] = (),
+              executor=None) -> ModuleRecord:
         """Train one module on the examples and commit it; an identical earlier write is returned as is.
 
         `documents` are the texts the examples were made from, kept beside the module for ICL and routing.
+        `executor` trains elsewhere (an executor.RayExecutor); by default the module trains in this process.
         """
-        lora, train_spec = lora or LoraSpec(), train_spec or TrainSpec()
         if not examples:
             raise LoramemError("nothing to write: no facts")
+        [(record, _)] = self._write_modules([(examples, name, documents, None)], lora, train_spec, progress, executor)
+        return record
+
+    def _write_modules(self, batches, lora, train_spec, progress, executor):
+        """Train a module for each (examples, name, documents, tag) batch not committed yet, and commit it.
+
+        Yields (record, tag) as each module is committed (in completion order under a parallel executor) and
+        (None, tag) for a batch without examples. Committed modules are yielded without training, so an
+        interrupted write resumes. The write lock is taken at the first module to train and held to the end.
+        """
+        lora, train_spec = lora or LoraSpec(), train_spec or TrainSpec()
+        executor = executor or InProcess(self.base, progress)
+        waiting: dict[str, _Pending] = {}  # submitted, not committed yet, by module id
+        locked = False
+        with ExitStack() as lock:
+            try:
+                for examples, name, documents, tag in batches:
+                    if not examples:
+                        yield None, tag
+                        continue
+                    job, digest = self._job(examples, documents, lora, train_spec)
+                    done = self._committed(job.module_id)
+                    if done is None and not locked:
+                        lock.enter_context(writer_lock(self.path))
+                        locked = True
+                        done = self._committed(job.module_id, reopen=True)  # another writer may have been first
+                    if done is not None:
+                        yield done, tag
+                        continue
+                    if job.module_id not in waiting:
+                        executor.submit(job)
+                        waiting[job.module_id] = _Pending(name, examples, list(documents), digest, [])
+                    waiting[job.module_id].tags.append(tag)
+                    yield from self._commit_finished(executor, waiting, wait=False)
+                yield from self._commit_finished(executor, waiting, wait=True)
+            finally:
+                executor.cancel()
+
+    def _job(self, examples, documents, lora, train_spec) -> tuple[TrainJob, str]:
+        """The training job for a module (its id hashes everything that determines its weights), and its data hash."""
         base = self.base
         digest = data_hash(examples)
         module_id = hashlib.sha256(json.dumps(
             [digest, [d.id for d in documents], lora.to_dict(), train_spec.to_dict(),
-             base.fingerprint["weights_sha256"]], sort_keys=True,
+             base.fingerprint["weights_sha256"]] + ([self.prompt] if self.prompt != "plain" else []), sort_keys=True,
         ).encode()).hexdigest()[:16]
-        if self.store is not None and self.store.has(module_id):
-            return self.store.get(module_id)
-        with writer_lock(self.path):
-            if self.store is None and (self.path / MANIFEST).exists():  # another writer created it meanwhile
-                self.store = Store.open(self.path)
-                self._check_base(base.fingerprint, base.name)
-            if self.store is not None and self.store.has(module_id):
-                return self.store.get(module_id)
-            return self._train_and_commit(examples, lora, train_spec, name, progress, documents, module_id, digest)
+        trained_on = [render_example(base.tokenizer, e, self.prompt) for e in examples]  # stored plain, trained styled
+        context = "\n\n".join(d.text for d in documents) if train_spec.objective == "distill" else ""
+        if train_spec.objective == "distill" and not context:
+            raise LoramemError("the distill objective needs documents (the teacher reads them); facts have none")
+        return TrainJob(module_id, trained_on, lora, train_spec, self.model_name, base.fingerprint, context), digest
 
-    def _train_and_commit(self, examples, lora, train_spec, name, progress, documents, module_id, digest):
-        base = self.base
-        with attached(base.model, lora, seed=train_spec.seed) as peft_model:
-            stats = train(peft_model, base.tokenizer, examples, train_spec, progress=progress)
-            if self.store is None:
-                self.store = Store.create(self.path, self.model_name, base.fingerprint)
-            self.store.sweep()
-            staged = self.store.staging_dir()
-            save_adapter(peft_model, staged)
-        _write_jsonl(staged / EXAMPLES_FILE, [{"prompt": e.prompt, "answer": e.answer} for e in examples])
-        if documents:
-            _write_jsonl(staged / DOCUMENTS_FILE, [asdict(d) for d in documents])
+    def _committed(self, module_id: str, reopen: bool = False) -> ModuleRecord | None:
+        """The module's record if it is in the store; `reopen` first picks up a memory another writer created."""
+        if reopen and self.store is None and (self.path / MANIFEST).exists():
+            self.store = Store.open(self.path)
+            self._check_base(self.base.fingerprint, self.base.name)
+            if self.store.meta().get("prompt", "plain") != self.prompt:
+                raise LoramemError(f"{self.path} was created meanwhile with other prompts than {self.prompt} ones")
+        return self.store.get(module_id) if self.store is not None and self.store.has(module_id) else None
+
+    def _commit_finished(self, executor, waiting: dict[str, _Pending], wait: bool):
+        """Commit the modules the executor has finished (all of them with `wait`); yields (record, tag)."""
+        for job, staged, stats in executor.finished(self._staging, wait):
+            pending = waiting.pop(job.module_id)
+            record = self._commit(job, staged, stats, pending)
+            for tag in pending.tags:
+                yield record, tag
+
+    def _staging(self) -> Path:
+        """A fresh folder under the store's tmp/ for one trained module; the memory is created for its first one."""
+        if self.store is None:
+            self.store = Store.create(self.path, self.model_name, self.base.fingerprint, {"prompt": self.prompt})
+        self.store.sweep()
+        return self.store.staging_dir()
+
+    def _commit(self, job: TrainJob, staged: Path, stats, pending: _Pending) -> ModuleRecord:
+        _write_jsonl(staged / EXAMPLES_FILE, [{"prompt": e.prompt, "answer": e.answer} for e in pending.examples])
+        if pending.documents:
+            _write_jsonl(staged / DOCUMENTS_FILE, [asdict(d) for d in pending.documents])
         record = ModuleRecord(
-            id=module_id, name=name or f"module-{len(self.modules()) + 1}", created_at=now(),
-            base_model=self.model_name, base_fingerprint=base.fingerprint, lora_spec=lora.to_dict(),
-            train_spec=train_spec.to_dict(), data_hash=digest, n_examples=len(examples),
+            id=job.module_id, name=pending.name or f"module-{len(self.modules()) + 1}", created_at=now(),
+            base_model=self.model_name, base_fingerprint=job.fingerprint, lora_spec=job.lora.to_dict(),
+            train_spec=job.train_spec.to_dict(), data_hash=pending.digest, n_examples=len(pending.examples),
             train_tokens=stats.tokens, trainable_params=stats.trainable_params, recall=stats.recall,
             train_seconds=stats.seconds, stats=stats.to_dict(),
         )
@@ -168,9 +263,10 @@ class Memory:
         return record
 
     def write_shards(self, examples: list[Example], shard_tokens: int, lora: LoraSpec | None = None,
-                     train_spec: TrainSpec | None = None, name: str = "shard", progress: bool = True):
+                     train_spec: TrainSpec | None = None, name: str = "shard", progress: bool = True, executor=None):
         """Write consecutive runs of examples of at most `shard_tokens` tokens each into a module of their own
-        (the paper's 8K-token PhoneBook sectors); yields each record as it is committed. Resumable like write."""
+        (the paper's 8K-token PhoneBook sectors); yields each record as it is committed. Resumable like write.
+        With a parallel `executor` the modules train at once and come back in the order they finish."""
         if shard_tokens < 1:
             raise LoramemError(f"shard size must be at least 1 token, got {shard_tokens}")
         tokenizer = self.base.tokenizer
@@ -183,23 +279,33 @@ class Memory:
                 used = 0
             shards[-1].append(e)
             used += size
-        for i, shard in enumerate(shards):
-            yield self.write(shard, lora, train_spec, name=f"{name}-{i}", progress=progress)
+        batches = ((shard, f"{name}-{i}", (), None) for i, shard in enumerate(shards))
+        for record, _ in self._write_modules(batches, lora, train_spec, progress, executor):
+            yield record
 
     def write_documents(self, documents: list[Document], synth=None, generator=None, lora: LoraSpec | None = None,
-                        train_spec: TrainSpec | None = None, one_module: bool = False, progress: bool = True):
+                        train_spec: TrainSpec | None = None, one_module: bool = False, progress: bool = True,
+                        executor=None):
         """Turn documents into synthetic training data (`synth`, a SynthSpec) and write one module per document,
         or one for all with `one_module`. Yields (record, reports) as each module is committed.
 
         A document that yields no usable data is reported with record None. Resumable: generated data is cached
         and a module already committed is not trained again, so running the same write after an interruption
-        continues where it stopped.
+        continues where it stopped. With a parallel `executor` (Ray) each document's module trains while the next
+        document's data is generated here, and modules come back in the order they finish.
         """
-        from loramem.synth import SynthSpec, synthesize
+        from loramem.synth import SynthSpec
 
         synth = synth or SynthSpec()
         if not documents:
             raise LoramemError("nothing to write: no documents")
+        batches = self._synthesized(documents, synth, generator, one_module)
+        yield from self._write_modules(batches, lora, train_spec, progress, executor)
+
+    def _synthesized(self, documents, synth, generator, one_module):
+        """(examples, name, documents, reports) per module to write, generated as they are asked for."""
+        from loramem.synth import synthesize
+
         for group in [documents] if one_module else [[d] for d in documents]:
             examples, reports = [], []
             for doc in group:
@@ -209,9 +315,7 @@ class Memory:
             name = (group[0].title or group[0].id) if len(group) == 1 else f"documents-{len(group)}"
             if not examples:  # e.g. a weak generator gave no usable pair: reported, the other documents go on
                 log.warning("%s: no usable training data was generated; nothing written", name)
-                yield None, reports
-                continue
-            yield self.write(examples, lora, train_spec, name=name, progress=progress, documents=group), reports
+            yield examples, name, group, reports
 
     def examples(self, module: ModuleRecord) -> list[Example]:
         return [Example(**row) for row in _read_jsonl(self.store.module_dir(module.id) / EXAMPLES_FILE)]
@@ -251,11 +355,19 @@ class Memory:
         return self._cached_index(f"route-{kind}", modules, lambda: make_router(kind, {m.id: self.keys(m) for m in modules}))
 
     def retriever(self, kind: str = "dense") -> Router:
-        """RAG: an index of every module's passages (ids "<module>:<n>")."""
+        """RAG: an index of every module's passages (ids "<module>:<n>"); a document written into several modules
+        is indexed once, so its passages do not crowd each other out of the top k."""
         kind = "dense" if kind == "oracle" else kind
         modules = self._require_modules()
-        return self._cached_index(f"rag-{kind}", modules, lambda: make_router(
-            kind, {f"{m.id}:{n}": text for m in modules for n, text in enumerate(self.chunks(m))}))
+
+        def passages() -> dict[str, str]:
+            first_id = {}
+            for m in modules:
+                for n, text in enumerate(self.chunks(m)):
+                    first_id.setdefault(text, f"{m.id}:{n}")
+            return {i: text for text, i in first_id.items()}
+
+        return self._cached_index(f"rag-{kind}", modules, lambda: make_router(kind, passages()))
 
     def _cached_index(self, name: str, modules: list[ModuleRecord], build) -> Router:
         digest = hashlib.sha256(json.dumps(sorted(m.id for m in modules)).encode()).hexdigest()[:12]
@@ -298,6 +410,10 @@ class Memory:
         if any(not q.strip() for q in questions):
             raise LoramemError("empty question")
         base = self.base
+        window = base.model.config.max_position_embeddings - max_new_tokens
+        longest = max(len(base.tokenizer(q, add_special_tokens=False).input_ids) for q in questions)
+        if longest > window:  # checked before routing and generation, which would run for minutes
+            raise LoramemError(f"question too long: {longest} tokens; this model reads {window} besides its answer")
         started = time.perf_counter()
         picks = self._modules_for(questions, weights, extra, module, router, top_k, gold, threshold, context)
         chunks, passage = self._passages(questions, router, top_k) if extra == "rag" else ([[] for _ in questions], {})
@@ -316,11 +432,11 @@ class Memory:
         for question, hits, passages in zip(questions, picks, chunks):
             if extra == "icl":
                 text = context if context is not None else "\n\n".join(documents_of(h.id) for h in hits)
-                prompts.append(icl_prompt(question, fitted(text)))
+                prompts.append(self._prompt(question, fitted(text)))
             elif extra == "rag":
-                prompts.append(icl_prompt(question, fitted("\n\n".join(passage[h.id] for h in passages))))
+                prompts.append(self._prompt(question, fitted("\n\n".join(passage[h.id] for h in passages))))
             else:
-                prompts.append(closed_book_prompt(question))
+                prompts.append(self._prompt(question))
         answers: list[Answer | None] = [None] * len(questions)
         in_weights = picks if weights != "base" else [[] for _ in questions]
         for ids, members in _group_by_modules(in_weights).items():
@@ -337,6 +453,9 @@ class Memory:
                     chunks=[{"id": h.id, "score": h.score} for h in chunks[i]], timing=asdict(per_question),
                 )
         return answers
+
+    def _prompt(self, question: str, context: str | None = None) -> str:
+        return render_prompt(self.base.tokenizer, question, context, self.prompt)
 
     def _modules_for(self, questions, weights, extra, module, router, top_k, gold, threshold, context) -> list[list[Hit]]:
         """The modules each question is answered with (weights) or whose documents go into its prompt (icl)."""
@@ -358,6 +477,14 @@ class Memory:
         hits = retriever.route(questions, top_k if top_k is not None else min(DEFAULT_TOP_K, len(retriever.modules)))
         return hits, dict(zip(retriever.index.item_ids, retriever.index.texts))
 
+    def _check_adapter_base(self, folder: Path) -> None:
+        """Refuse a module whose adapter_config.json names another base model than the one loramem wrote there
+        (the model's folder; compared by name, so a memory moved to another cache or machine still loads)."""
+        named = adapter_config(folder).get("base_model_name_or_path") or ""
+        if Path(named).name != resolve(self.model_name).name:
+            raise LoramemError(f"module {folder.name}: its adapter_config.json names base model {named!r}, "
+                               f"not this memory's {self.model_name!r}")
+
     @contextmanager
     def _weights_applied(self, module_ids: tuple[str, ...], method: str, timing: Timing):
         started = time.perf_counter()
@@ -365,6 +492,8 @@ class Memory:
             yield self.base.model
             return
         folders = [self.store.module_dir(i) for i in module_ids]
+        for folder in folders:
+            self._check_adapter_base(folder)
         with modules_applied(self.base.model, folders, method if len(folders) > 1 else "linear",
                              cache=self._merge_cache) as model:
             timing.merge += time.perf_counter() - started

@@ -15,6 +15,7 @@ The fast path, each trick checked against the plain path in tests/test_train.py:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -52,6 +53,16 @@ class Encoded:
     n_answer: int  # answer tokens, not counting the closing EOS
     hidden: torch.Tensor | None = None  # (len(ids), H) input of decoder layer `hidden_layer`, when cached
     hidden_layer: int = 0
+    teacher: Teacher | None = None  # distillation targets at this example's labelled positions
+
+
+@dataclass
+class Teacher:
+    """The teacher's next-token distribution at each labelled position, kept sparse: its top-k tokens and
+    log-probabilities, plus one bucket for the probability of every other token."""
+
+    index: torch.Tensor  # (labels, k) token ids
+    logp: torch.Tensor  # (labels, k + 1) log-probabilities of those tokens, then of the rest
 
 
 @dataclass
@@ -245,6 +256,15 @@ def examples_recalled(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     return per_example == 0
 
 
+def _loss(logits: torch.Tensor, batch: Batch, examples: list[Encoded], spec: TrainSpec) -> torch.Tensor:
+    if spec.objective == "ntp":
+        return F.cross_entropy(logits.float(), batch.labels.to(logits.device))
+    # pack lays labels out example by example in the order given, so the targets concatenate the same way
+    index = torch.cat([e.teacher.index for e in examples]).to(logits.device)
+    logp = torch.cat([e.teacher.logp for e in examples]).to(logits.device)
+    return distill_loss(logits, index, logp, spec.distill_temperature)
+
+
 def use_bf16(precision: str, device: torch.device) -> bool:
     if precision != "auto":
         return precision == "bf16"
@@ -285,6 +305,69 @@ def recall(model, tokenizer, encoded: list[Encoded], batch_size: int = 64, preci
     return hits / max(1, len(encoded))
 
 
+def sparse_logp(logits: torch.Tensor, index: torch.Tensor | None, k: int, temperature: float):
+    """Log-probabilities (at `temperature`) of the tokens in `index` (default: the top k), then of all others."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    if index is None:
+        index = logp.topk(k, dim=-1).indices
+    top = logp.gather(-1, index)
+    rest = torch.log((1 - top.exp().sum(-1, keepdim=True)).clamp_min(1e-12))
+    return index, torch.cat([top, rest], dim=-1)
+
+
+def distill_loss(student_logits: torch.Tensor, index: torch.Tensor, teacher_logp: torch.Tensor,
+                 temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) over the teacher's top-k tokens and one bucket for the rest, per position
+    (mean), scaled by T^2 as usual. Exactly zero when the student's distribution equals the teacher's."""
+    student_logp = sparse_logp(student_logits, index, 0, temperature)[1]
+    kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+    return kl.mean() * temperature**2
+
+
+@torch.no_grad()
+def teacher_targets(model, tokenizer, encoded: list[Encoded], context: str, spec: TrainSpec,
+                    max_labels: int = 2048) -> None:
+    """Compute once, before training, what the base model with `context` in its prompt predicts at each of the
+    examples' labelled positions (the adapter disabled), and keep it on the examples.
+
+    The teacher reads the context followed by exactly the student's tokens, so its positions line up with the
+    student's. Packing puts the context in each row once as a shared prefix that every example attends to;
+    examples go in groups of at most `max_labels` labels, which bounds the vocabulary-wide logits in memory.
+    """
+    bos = tokenizer("").input_ids  # the examples start with it when the tokenizer adds one
+    window = getattr(_causal_lm(model).config, "max_position_embeddings", 1 << 30)
+    budget = max(0, window - max(len(e.ids) for e in encoded) - 1)
+    context_ids = tokenizer(context.strip() + "\n\n", add_special_tokens=False).input_ids[:budget]
+    device = _causal_lm(model).device
+
+    def teacher_view(e: Encoded) -> Encoded:
+        lead = bos if e.ids[: len(bos)] == bos else []
+        first = max(e.n_prompt if spec.loss_on == "answer" else 1, 1)  # the student's first labelled token
+        return Encoded(lead + context_ids + e.ids[len(lead):], len(context_ids) + first, e.n_answer)
+
+    disabled = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    with disabled, autocast(use_bf16(spec.precision, device), device):
+        for group in _label_groups(encoded, max_labels):
+            batch = pack([teacher_view(e) for e in group], "answer", pad_id=tokenizer.pad_token_id)
+            logits = supervised_logits(model, batch)
+            for i, e in enumerate(group):
+                index, logp = sparse_logp(logits[batch.label_example == i], None, spec.distill_top_k,
+                                          spec.distill_temperature)
+                e.teacher = Teacher(index.cpu(), logp.cpu())
+
+
+def _label_groups(encoded: list[Encoded], max_labels: int):
+    group, labels = [], 0
+    for e in encoded:
+        if group and labels + len(e.ids) > max_labels:
+            yield group
+            group, labels = [], 0
+        group.append(e)
+        labels += len(e.ids)
+    if group:
+        yield group
+
+
 def _schedule(spec: TrainSpec, total_steps: int):
     def factor(step: int) -> float:
         if step < spec.warmup_steps:
@@ -299,8 +382,12 @@ def _schedule(spec: TrainSpec, total_steps: int):
     return factor
 
 
-def train(model, tokenizer, examples: list[Example], spec: TrainSpec, progress: bool = True) -> TrainStats:
-    """Train the LoRA parameters of a PEFT-wrapped model on examples, in place."""
+def train(model, tokenizer, examples: list[Example], spec: TrainSpec, progress: bool = True,
+          context: str | None = None) -> TrainStats:
+    """Train the LoRA parameters of a PEFT-wrapped model on examples, in place.
+
+    With spec.objective "distill", `context` (the module's documents) is what the teacher reads.
+    """
     from tqdm.auto import tqdm
 
     if not examples:
@@ -308,6 +395,10 @@ def train(model, tokenizer, examples: list[Example], spec: TrainSpec, progress: 
     encoded = encode(tokenizer, examples)
     device = _causal_lm(model).device
     bf16 = use_bf16(spec.precision, device)
+    if spec.objective == "distill":
+        if not context:
+            raise LoramemError("the distill objective needs the documents the module is written from")
+        teacher_targets(model, tokenizer, encoded, context, spec)
     frozen = first_trainable_layer(model)
     if frozen > 0:
         cache_frozen_layers(model, encoded, frozen, bf16)
@@ -338,7 +429,7 @@ def train(model, tokenizer, examples: list[Example], spec: TrainSpec, progress: 
                          pad_id=tokenizer.pad_token_id)
             with autocast(bf16, device):
                 logits = supervised_logits(model, batch)
-            loss = F.cross_entropy(logits.float(), batch.labels.to(device))
+            loss = _loss(logits, batch, [encoded[i] for i in order[first : first + spec.batch_size]], spec)
             loss.backward()
             if spec.clip_norm:
                 torch.nn.utils.clip_grad_norm_(params, spec.clip_norm)

@@ -99,3 +99,19 @@ def test_narrativeqa_grid_runs(tiny, data_dir, tmp_path):
     cells = {(r["context"], r["modules"]) for r in result["rows"]}
     assert cells == {(c, m) for c in ("none", "icl", "rag") for m in ("none", "single", "multi top-1", "multi top-2")}
     assert result["questions"] == 2 and result["modules"] == 2
+
+
+def test_format_table_with_rag_rows_and_the_distill_objective(tiny, data_dir, tmp_path):
+    memory = Memory.open(tmp_path / "distill.mem", create=True, base=tiny)
+    result = paperqa.run(memory, paperqa.load(data_dir), ["qa"], SynthSpec(questions=2), ScriptedGenerator(),
+                         LoraSpec(rank=4), TrainSpec(epochs=2, objective="distill"), progress=False, rag=True)
+    assert [r["format"] for r in result["rows"]] == [
+        "base (no module)", "icl (introduction in prompt)", "rag top 3 (base model)", "qa", "qa + rag top 3"]
+    modules = memory.modules()
+    assert len(modules) == 2 and all(m.train_spec["objective"] == "distill" for m in modules)
+    module = modules[0]
+    # a second module on the same documents adds no passage: retrieval indexes each document once
+    passages = len(memory.retriever("bm25").index.texts)
+    memory.write(memory.examples(module), LoraSpec(rank=2), TrainSpec(epochs=1), documents=memory.documents(module),
+                 progress=False)
+    assert len(memory.retriever("bm25").index.texts) == passages

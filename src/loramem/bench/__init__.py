@@ -15,4 +15,11 @@ def without_leaks(examples: list[Example], questions: list[str]) -> tuple[list[E
 def sibling_memory(memory, suffix: str):
     """A memory beside `memory` on the same loaded base model (`<path>-<suffix>`), for a study's comparison module
     that must not be seen by the other memory's routing and retrieval."""
-    return type(memory).open(memory.path.with_name(f"{memory.path.name}-{suffix}"), create=True, base=memory.base)
+    return type(memory).open(memory.path.with_name(f"{memory.path.name}-{suffix}"), create=True, base=memory.base,
+                             prompt=memory.prompt)
+
+
+def seconds(answers) -> dict:
+    """Wall seconds per question (median) and the seconds spent merging, over a setting's answers."""
+    per = sorted(a.seconds for a in answers)
+    return {"s_per_question": per[len(per) // 2], "merge_s": sum(a.timing.get("merge", 0.0) for a in answers)}

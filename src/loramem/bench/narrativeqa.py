@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from loramem.bench import sibling_memory, without_leaks
+from loramem.bench import seconds, sibling_memory, without_leaks
 from loramem.config import LoraSpec, TrainSpec
 from loramem.config import data_dir as resolve_data_dir
 from loramem.corpus import Document, chunk_text
@@ -60,12 +60,17 @@ def run(memory, stories: list[Story], fmt: str, synth_spec, generator, lora: Lor
     lora, train_spec = lora or LoraSpec(rank=16), train_spec or TrainSpec()
     spec = replace(synth_spec, formats=parse_formats(fmt))
     documents = [d for s in stories for d in _parts(s, per, memory.base.tokenizer, chunk_tokens)]
-    all_examples = []
+    all_examples, no_data = [], []
     for doc in documents:
         made = synthesize(doc, spec, generator, tokenizer=memory.base.tokenizer)[0]
         examples = without_leaks(made, [q for s in stories for q, _ in s.questions])[0]
+        if not examples:  # a weak generator can give nothing usable: that part has no module (counted)
+            no_data.append(doc.title)
+            continue
         memory.write(examples, lora, train_spec, name=doc.title, progress=progress, documents=[doc])
         all_examples += examples
+    if not all_examples:
+        raise LoramemError("the generator gave no usable training data for any story")
     alone = sibling_memory(memory, "single")
     single = alone.write(all_examples, lora, train_spec, name="all-stories", progress=progress,
                          documents=[s.document() for s in stories])
@@ -81,6 +86,8 @@ def run(memory, stories: list[Story], fmt: str, synth_spec, generator, lora: Lor
             answers = target.ask_many(questions, mode=full_mode, router=router, merge="ties",
                                       max_new_tokens=MAX_NEW_TOKENS, **kw)
             rows.append({"context": context, "modules": setting,
-                         "rouge_l": mean(rouge_l(a.text, refs) for a, refs in zip(answers, references))})
-    return {"stories": len(stories), "questions": len(questions), "per": per, "modules": len(documents),
+                         "rouge_l": mean(rouge_l(a.text, refs) for a, refs in zip(answers, references))}
+                        | seconds(answers))
+    return {"stories": len(stories), "questions": len(questions), "per": per, "modules": len(memory.modules()),
+            "no_data": no_data,
             "format": fmt, "rank": lora.rank, "rows": rows}

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from loramem.bench import sibling_memory, without_leaks
+from loramem.bench import seconds, sibling_memory, without_leaks
 from loramem.bench.judge import Judge
 from loramem.config import LoraSpec, TrainSpec
 from loramem.config import data_dir as resolve_data_dir
@@ -122,10 +122,11 @@ def write_format(memory, papers: list[Paper], fmt: str, synth_spec, generator, l
 
 def run(memory, papers: list[Paper], formats: list[str], synth_spec, generator, lora: LoraSpec | None = None,
         train_spec: TrainSpec | None = None, baselines: bool = True, judge: Judge | None = None,
-        progress: bool = True) -> dict:
+        progress: bool = True, rag: bool = False) -> dict:
     """The paper's format table: per format, scores of each paper's questions asked of its own module.
 
-    With `baselines`, also the base model without a module and with the introduction in the prompt.
+    With `baselines`, also the base model without a module and with the introduction in the prompt; with `rag`,
+    also each setting with the top 3 passages of all papers retrieved into the prompt.
     """
     lora, train_spec = lora or LoraSpec(rank=16), train_spec or TrainSpec()
     questions = [q for p in papers for q in p.questions]
@@ -138,10 +139,15 @@ def run(memory, papers: list[Paper], formats: list[str], synth_spec, generator, 
     details = {}
     for fmt in formats:
         written = write_format(memory, papers, fmt, synth_spec, generator, lora, train_spec, progress)
-        answers = [a for p, w in zip(papers, written) for a in _ask_paper(memory, p, "lora", w["module"])]
-        rows.append({"format": fmt, "train_tokens": sum(w["train_tokens"] for w in written)}
-                    | score(answers, questions, judge))
         details[fmt] = written
+        tokens = sum(w["train_tokens"] for w in written)
+        for mode in ("lora", "lora+rag") if rag else ("lora",):
+            answers = [a for p, w in zip(papers, written) for a in _ask_paper(memory, p, mode, w["module"])]
+            label = fmt if mode == "lora" else f"{fmt} + rag top 3"
+            rows.append({"format": label, "train_tokens": tokens} | score(answers, questions, judge))
+    if rag and baselines:  # passages from every paper written so far, as a user's memory would retrieve them
+        answers = [a for p in papers for a in _ask_paper(memory, p, "rag")]
+        rows.insert(2, {"format": "rag top 3 (base model)", "train_tokens": 0} | score(answers, questions, judge))
     return {"papers": [p.id for p in papers], "questions": len(questions), "rank": lora.rank,
             "layers": lora.layers, "targets": lora.targets, "rows": rows, "modules": details}
 
@@ -162,7 +168,7 @@ def run_routing(memory, papers: list[Paper], fmt: str, synth_spec, generator, lo
 
     def row(setting: str, **ask) -> dict:
         answers = memory.ask_many(texts, max_new_tokens=MAX_NEW_TOKENS, **ask)
-        return {"setting": setting} | score([a.text for a in answers], questions, judge)
+        return {"setting": setting} | score([a.text for a in answers], questions, judge) | seconds(answers)
 
     rows = [row("oracle", mode="lora", router="oracle", gold=gold)]
     routing = {}
@@ -178,9 +184,10 @@ def run_routing(memory, papers: list[Paper], fmt: str, synth_spec, generator, lo
         answers = []
         for i, paper in enumerate(papers):  # the gold module and the next n-1 papers' modules
             chosen = [module_of[papers[(i + j) % len(papers)].id] for j in range(n)]
-            answers += [a.text for a in memory.ask_many([q.question for q in paper.questions], mode="multi",
-                                                        module=chosen, merge="ties", max_new_tokens=MAX_NEW_TOKENS)]
-        rows.append({"setting": f"ties of gold + {n - 1} others"} | score(answers, questions, judge))
+            answers += memory.ask_many([q.question for q in paper.questions], mode="multi", module=chosen,
+                                       merge="ties", max_new_tokens=MAX_NEW_TOKENS)
+        rows.append({"setting": f"ties of gold + {n - 1} others"} | score([a.text for a in answers], questions, judge)
+                    | seconds(answers))
     return {"papers": [p.id for p in papers], "questions": len(questions), "format": fmt, "rank": lora.rank,
             "layers": lora.layers, "rows": rows, "routing": routing}
 
@@ -194,5 +201,5 @@ def _single_module_row(memory, papers, fmt, written, lora, train_spec, questions
                          documents=[p.document() for p in papers])
     answers = alone.ask_many([q.question for q in questions], mode="lora", module=record.id,
                              max_new_tokens=MAX_NEW_TOKENS)
-    return {"setting": f"single module (rank {lora.rank}) on all papers"} | score([a.text for a in answers],
-                                                                                  questions, judge)
+    return ({"setting": f"single module (rank {lora.rank}) on all papers"}
+            | score([a.text for a in answers], questions, judge) | seconds(answers))
