@@ -6,7 +6,6 @@ One local Ray (2 CPUs) for the whole file: starting Ray costs seconds. Deselect 
 import json
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from loramem import LoraSpec, Memory, TrainSpec, facts_from_text

@@ -154,13 +154,16 @@ def test_distill_loss_is_zero_only_when_student_matches_teacher():
     outside = tail.argmax(-1, keepdim=True)
     moved = logits.scatter_add(1, outside, torch.full((5, 1), 5.0))
     assert distill_loss(moved, index, teacher, 2.0) > 1e-3  # the rest bucket sees it
+    hidden = torch.randn(5, 2, 16)
+    assert distill_loss(logits, index, teacher, 2.0, hidden, hidden.clone()).abs() < 1e-6
+    assert distill_loss(logits, index, teacher, 2.0, hidden + 0.1, hidden) > 1e-3
 
 
 @pytest.mark.parametrize("loss_on", ["answer", "all"])
 def test_cached_teacher_targets_equal_a_fresh_plain_forward(tiny, loss_on):
     from loramem.train import sparse_logp, teacher_targets
 
-    spec = TrainSpec(objective="distill", distill_top_k=4, loss_on=loss_on, precision="fp32")
+    spec = TrainSpec(objective="distill", distill_top_k=4, loss_on=loss_on, precision="fp32", distill_layers="0,1")
     encoded = encode(tiny.tokenizer, EXAMPLES + [Example("", "Plain text is distilled at every token.")])
     context_ids = tiny.tokenizer(CONTEXT + "\n\n", add_special_tokens=False).input_ids
     with attached(tiny.model, LoraSpec(rank=2)) as model:
@@ -171,14 +174,34 @@ def test_cached_teacher_targets_equal_a_fresh_plain_forward(tiny, loss_on):
     for e in encoded:
         ids = torch.tensor([context_ids + e.ids])  # the tiny tokenizer adds no BOS
         first = max(e.n_prompt if loss_on == "answer" else 1, 1)
-        logits = tiny.model(input_ids=ids).logits[0, len(context_ids) + first - 1 : -1]
-        index, logp = sparse_logp(logits, None, 4, 1.0)
+        out = tiny.model(input_ids=ids, output_hidden_states=True)
+        positions = slice(len(context_ids) + first - 1, -1)
+        index, logp = sparse_logp(out.logits[0, positions], None, 4, 1.0)
         assert torch.equal(e.teacher.index, index)
         assert e.teacher.logp.allclose(logp, atol=1e-4)
+        hidden = torch.stack([out.hidden_states[layer + 1][0, positions] for layer in (0, 1)], 1)
+        assert e.teacher.hidden.allclose(hidden, atol=1e-4)
+
+
+def test_layer_outputs_with_cached_frozen_layers_match_the_full_forward(tiny):
+    from loramem.train import cache_frozen_layers, supervised_outputs
+
+    last = tiny.model.config.num_hidden_layers - 1
+    with attached(tiny.model, LoraSpec(rank=2, layers=str(last))) as model:
+        full = pack(encode(tiny.tokenizer, EXAMPLES), "answer", pad_id=tiny.tokenizer.pad_token_id)
+        logits, hidden = supervised_outputs(model, full, (last,))
+        encoded = encode(tiny.tokenizer, EXAMPLES)
+        cache_frozen_layers(model, encoded, last, bf16=False)
+        cached = pack(encoded, "answer", pad_id=tiny.tokenizer.pad_token_id)
+        cached_logits, cached_hidden = supervised_outputs(model, cached, (last,))
+        assert cached_logits.allclose(logits, atol=1e-4) and cached_hidden.allclose(hidden, atol=1e-4)
+        with pytest.raises(LoramemError, match="before the module's first adapted layer"):
+            supervised_outputs(model, cached, (0,))
 
 
 def test_distill_training_moves_the_student_towards_the_teacher(tiny):
-    spec = TrainSpec(objective="distill", lr=1e-2, epochs=30, batch_size=2, target_recall=None, precision="fp32")
+    spec = TrainSpec(objective="distill", lr=1e-2, epochs=30, batch_size=2, target_recall=None, precision="fp32",
+                     distill_layers="1")
     encoded_before = encode(tiny.tokenizer, EXAMPLES)
     with attached(tiny.model, LoraSpec(rank=4)) as model:
         from loramem.train import distill_loss, teacher_targets
@@ -190,11 +213,11 @@ def test_distill_training_moves_the_student_towards_the_teacher(tiny):
             with torch.no_grad():
                 logits = supervised_logits(model, batch)
             return float(distill_loss(logits, torch.cat([e.teacher.index for e in encoded_before]),
-                                      torch.cat([e.teacher.logp for e in encoded_before])))
+                                      torch.cat([e.teacher.logp for e in encoded_before])))  # the KL part
 
         untrained = kl()
         stats = train(model, tiny.tokenizer, EXAMPLES, spec, progress=False, context=CONTEXT)
-        assert kl() < 0.5 * untrained and stats.final_loss < untrained
+        assert kl() < 0.5 * untrained and stats.steps == 60  # final_loss also holds the hidden-state term
     with pytest.raises(LoramemError, match="needs the documents"):
         with attached(tiny.model, LoraSpec(rank=4)) as model:
             train(model, tiny.tokenizer, EXAMPLES, spec, progress=False)

@@ -131,6 +131,8 @@ class TrainSpec:
                    the same continuations; see train.distill_loss).
     distill_top_k: teacher tokens kept per position (the rest of its probability is one more bucket).
     distill_temperature: softening of both distributions in the distillation loss.
+    distill_layers: also match the outputs of these decoder layers ("3,7"; "" none) by normalised L1 distance,
+                   weighted by distill_hidden_weight.
     """
 
     lr: float = 5e-3
@@ -149,6 +151,8 @@ class TrainSpec:
     objective: str = "ntp"
     distill_top_k: int = 32
     distill_temperature: float = 1.0
+    distill_layers: str = ""
+    distill_hidden_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -171,11 +175,13 @@ class TrainSpec:
             raise LoramemError(f"objective must be {' or '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.distill_top_k < 1 or self.distill_temperature <= 0:
             raise LoramemError("distill_top_k must be at least 1 and distill_temperature positive")
+        if not all(x.strip().isdigit() for x in self.distill_layers.split(",")) and self.distill_layers:
+            raise LoramemError(f"distill_layers must be layer numbers like 3,7, got {self.distill_layers!r}")
 
     def to_dict(self) -> dict:
         spec = asdict(self)
         if self.objective == "ntp":  # settings that cannot change an ntp module stay out of its id
-            for key in ("objective", "distill_top_k", "distill_temperature"):
+            for key in ("objective", "distill_top_k", "distill_temperature", "distill_layers", "distill_hidden_weight"):
                 spec.pop(key)
         return spec
 

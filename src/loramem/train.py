@@ -63,6 +63,7 @@ class Teacher:
 
     index: torch.Tensor  # (labels, k) token ids
     logp: torch.Tensor  # (labels, k + 1) log-probabilities of those tokens, then of the rest
+    hidden: torch.Tensor | None = None  # (labels, layers, H) outputs of TrainSpec.distill_layers, when matched
 
 
 @dataclass
@@ -187,17 +188,33 @@ def pack(encoded: list[Encoded], loss_on: str = "answer", row_tokens: int = 1024
 def supervised_logits(model, batch: Batch) -> torch.Tensor:
     """Logits only at labelled positions: the decoder runs on every token, the vocabulary projection
     only where a loss is taken. With cached hidden states the decoder starts at `batch.start_layer`."""
+    return supervised_outputs(model, batch)[0]
+
+
+def supervised_outputs(model, batch: Batch, layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """supervised_logits, and the outputs of decoder `layers` at the same positions ((labels, len(layers), H))."""
     causal_lm = _causal_lm(model)
     device = causal_lm.device
     decoder = causal_lm.get_decoder()
-    kw = dict(position_ids=batch.position_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
+    kw = dict(position_ids=batch.position_ids.to(device), attention_mask=batch.attention_mask.to(device),
+              use_cache=False, output_hidden_states=bool(layers))
     if batch.hidden is None:
-        hidden = decoder(input_ids=batch.input_ids.to(device), **kw).last_hidden_state
+        out = decoder(input_ids=batch.input_ids.to(device), **kw)
     else:
+        if layers and min(layers) < batch.start_layer:
+            raise LoramemError(f"layer {min(layers)} comes before the module's first adapted layer "
+                               f"({batch.start_layer}): the module cannot change it")
         with decoder_slice(decoder, batch.start_layer, None, final_norm=True):
-            hidden = decoder(inputs_embeds=batch.hidden.to(device), **kw).last_hidden_state
-    picked = hidden.reshape(-1, hidden.shape[-1])[batch.label_index.to(device)]
-    return causal_lm.get_output_embeddings()(picked)
+            out = decoder(inputs_embeds=batch.hidden.to(device), **kw)
+    index = batch.label_index.to(device)
+
+    def at_labels(hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.reshape(-1, hidden.shape[-1])[index]
+
+    # hidden_states[i] is the input of the (sliced) decoder's layer i, so layer L's output sits at L - start + 1.
+    picked = torch.stack([at_labels(out.hidden_states[layer - batch.start_layer + 1]) for layer in layers], 1) \
+        if layers else None
+    return causal_lm.get_output_embeddings()(at_labels(out.last_hidden_state)), picked
 
 
 @contextmanager
@@ -256,13 +273,23 @@ def examples_recalled(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     return per_example == 0
 
 
-def _loss(logits: torch.Tensor, batch: Batch, examples: list[Encoded], spec: TrainSpec) -> torch.Tensor:
+def distill_layers(spec: TrainSpec) -> tuple[int, ...]:
+    return tuple(int(x) for x in spec.distill_layers.split(",") if x.strip()) if spec.distill_layers else ()
+
+
+def _loss(model, batch: Batch, examples: list[Encoded], spec: TrainSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, logits at the labelled positions) of one batch under the spec's objective."""
     if spec.objective == "ntp":
-        return F.cross_entropy(logits.float(), batch.labels.to(logits.device))
+        logits = supervised_logits(model, batch)
+        return F.cross_entropy(logits.float(), batch.labels.to(logits.device)), logits
+    logits, hidden = supervised_outputs(model, batch, distill_layers(spec))
     # pack lays labels out example by example in the order given, so the targets concatenate the same way
-    index = torch.cat([e.teacher.index for e in examples]).to(logits.device)
-    logp = torch.cat([e.teacher.logp for e in examples]).to(logits.device)
-    return distill_loss(logits, index, logp, spec.distill_temperature)
+    device = logits.device
+    index = torch.cat([e.teacher.index for e in examples]).to(device)
+    logp = torch.cat([e.teacher.logp for e in examples]).to(device)
+    teacher_hidden = torch.cat([e.teacher.hidden for e in examples]).to(device) if hidden is not None else None
+    return distill_loss(logits, index, logp, spec.distill_temperature, hidden, teacher_hidden,
+                        spec.distill_hidden_weight), logits
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -316,12 +343,19 @@ def sparse_logp(logits: torch.Tensor, index: torch.Tensor | None, k: int, temper
 
 
 def distill_loss(student_logits: torch.Tensor, index: torch.Tensor, teacher_logp: torch.Tensor,
-                 temperature: float = 1.0) -> torch.Tensor:
+                 temperature: float = 1.0, student_hidden: torch.Tensor | None = None,
+                 teacher_hidden: torch.Tensor | None = None, hidden_weight: float = 1.0) -> torch.Tensor:
     """KL(teacher || student) over the teacher's top-k tokens and one bucket for the rest, per position
-    (mean), scaled by T^2 as usual. Exactly zero when the student's distribution equals the teacher's."""
+    (mean), scaled by T^2 as usual; plus, with hidden states, `hidden_weight` times their normalised L1
+    distance |h_s - h_t|_1 / |h_t|_1 (mean over positions and layers). Zero exactly when the student's
+    outputs equal the teacher's."""
     student_logp = sparse_logp(student_logits, index, 0, temperature)[1]
     kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
-    return kl.mean() * temperature**2
+    loss = kl.mean() * temperature**2
+    if teacher_hidden is not None:
+        distance = (student_hidden.float() - teacher_hidden).abs().sum(-1) / teacher_hidden.abs().sum(-1).clamp_min(1e-6)
+        loss = loss + hidden_weight * distance.mean()
+    return loss
 
 
 @torch.no_grad()
@@ -349,11 +383,11 @@ def teacher_targets(model, tokenizer, encoded: list[Encoded], context: str, spec
     with disabled, autocast(use_bf16(spec.precision, device), device):
         for group in _label_groups(encoded, max_labels):
             batch = pack([teacher_view(e) for e in group], "answer", pad_id=tokenizer.pad_token_id)
-            logits = supervised_logits(model, batch)
+            logits, hidden = supervised_outputs(model, batch, distill_layers(spec))
             for i, e in enumerate(group):
-                index, logp = sparse_logp(logits[batch.label_example == i], None, spec.distill_top_k,
-                                          spec.distill_temperature)
-                e.teacher = Teacher(index.cpu(), logp.cpu())
+                mine = batch.label_example == i
+                index, logp = sparse_logp(logits[mine], None, spec.distill_top_k, spec.distill_temperature)
+                e.teacher = Teacher(index.cpu(), logp.cpu(), hidden[mine].float().cpu() if hidden is not None else None)
 
 
 def _label_groups(encoded: list[Encoded], max_labels: int):
@@ -428,8 +462,7 @@ def train(model, tokenizer, examples: list[Example], spec: TrainSpec, progress: 
             batch = pack([encoded[i] for i in order[first : first + spec.batch_size]], spec.loss_on,
                          pad_id=tokenizer.pad_token_id)
             with autocast(bf16, device):
-                logits = supervised_logits(model, batch)
-            loss = _loss(logits, batch, [encoded[i] for i in order[first : first + spec.batch_size]], spec)
+                loss, logits = _loss(model, batch, [encoded[i] for i in order[first : first + spec.batch_size]], spec)
             loss.backward()
             if spec.clip_norm:
                 torch.nn.utils.clip_grad_norm_(params, spec.clip_norm)
