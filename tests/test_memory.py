@@ -196,6 +196,14 @@ def test_facts_sharded_by_tokens(tiny, tmp_path):
         list(memory.write_shards(facts, 0))
 
 
+def test_shards_are_even_with_no_runt(tiny, tmp_path):
+    memory = Memory.open(tmp_path / "even.mem", create=True, base=tiny)
+    facts = facts_from_text("".join(f"Question: What is the code of room {i}? Answer: {i}{i}{i}\n" for i in range(9)))
+    per_fact = max(len(tiny.tokenizer(e.prompt + e.answer, add_special_tokens=False).input_ids) for e in facts)
+    records = list(memory.write_shards(facts, 4 * per_fact, LoraSpec(rank=2), TrainSpec(epochs=1), progress=False))
+    assert [r.n_examples for r in records] == [3, 3, 3]  # not 4, 4, 1
+
+
 def test_chat_prompts_are_trained_and_answered_alike(tiny, tmp_path):
     memory = Memory.open(tmp_path / "chat.mem", create=True, base=tiny, prompt="chat")
     # Trained past the first exact recall so that merged and unmerged float rounding cannot flip a near tie.

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
@@ -266,15 +267,18 @@ class Memory:
                      train_spec: TrainSpec | None = None, name: str = "shard", progress: bool = True, executor=None):
         """Write consecutive runs of examples of at most `shard_tokens` tokens each into a module of their own
         (the paper's 8K-token PhoneBook sectors); yields each record as it is committed. Resumable like write.
-        With a parallel `executor` the modules train at once and come back in the order they finish."""
+        The runs are as even as the examples allow (5.2K tokens at 2.6K per module: three of ~1.7K, not two
+        full ones and a one-fact runt). With a parallel `executor` the modules train at once and come back in
+        the order they finish."""
         if shard_tokens < 1:
             raise LoramemError(f"shard size must be at least 1 token, got {shard_tokens}")
         tokenizer = self.base.tokenizer
+        sizes = [len(tokenizer(e.prompt + e.answer, add_special_tokens=False).input_ids) for e in examples]
+        even = sum(sizes) / max(1, math.ceil(sum(sizes) / shard_tokens))
         shards: list[list[Example]] = [[]]
         used = 0
-        for e in examples:
-            size = len(tokenizer(e.prompt + e.answer, add_special_tokens=False).input_ids)
-            if shards[-1] and used + size > shard_tokens:
+        for e, size in zip(examples, sizes):
+            if shards[-1] and (used + size > shard_tokens or used >= even):
                 shards.append([])
                 used = 0
             shards[-1].append(e)
