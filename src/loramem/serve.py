@@ -313,6 +313,7 @@ class DocumentsRequest(BaseModel):
     batch_size: int = TrainSpec.batch_size
     seed: int = 0
     target_recall: float = 1.0  # 0: train all epochs
+    objective: Literal["ntp", "distill"] = "ntp"
 
 
 # --- the service: memories, options, answers ----------------------------------------------------------------
@@ -398,7 +399,7 @@ class Service:
         lora = LoraSpec(rank=request.rank, alpha=request.alpha, targets=request.targets, layers=request.layers)
         lora.layer_indices(memory.base.num_layers)  # a bad layer range fails now, not in the job
         train_spec = TrainSpec(lr=request.lr, epochs=request.epochs, batch_size=request.batch_size, seed=request.seed,
-                               target_recall=request.target_recall or None)
+                               target_recall=request.target_recall or None, objective=request.objective)
         return self.jobs.submit(name, len(documents), lambda: memory.write_documents(
             documents, synth, generator, lora, train_spec, request.one_module, progress=False))
 
