@@ -229,3 +229,11 @@ def test_chat_prompt_is_the_user_turn_of_the_template(tiny):
     closed = render_example(tiny.tokenizer, Example("Question: Who? Answer:", " Ann"), "chat")
     assert closed.answer == "Ann" and "user\nWho?<|im_end|>" in closed.prompt
     assert render_example(tiny.tokenizer, Example("", "plain text"), "chat") == Example("", "plain text")
+
+
+def test_a_module_set_is_merged_once_whatever_the_routers_order():
+    from loramem.memory import _group_by_modules
+    from loramem.route import Hit
+
+    picks = [[Hit("a", 0.9), Hit("b", 0.5)], [Hit("b", 0.8), Hit("a", 0.7)], [Hit("c", 1.0)]]
+    assert _group_by_modules(picks) == {("a", "b"): [0, 1], ("c",): [2]}

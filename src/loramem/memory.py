@@ -505,10 +505,12 @@ class Memory:
 
 
 def _group_by_modules(picks: list[list[Hit]]) -> dict[tuple[str, ...], list[int]]:
-    """Question positions grouped by the module set they are answered with, so each set is merged once."""
+    """Question positions grouped by the module set they are answered with, so each set is merged once. A merge
+    weighs its modules alike whatever the router's order, so the set is keyed in sorted order: top 3 of 5
+    modules is at most 10 merges, not 60."""
     groups: dict[tuple[str, ...], list[int]] = {}
     for i, hits in enumerate(picks):
-        groups.setdefault(tuple(h.id for h in hits), []).append(i)
+        groups.setdefault(tuple(sorted(h.id for h in hits)), []).append(i)
     return groups
 
 
