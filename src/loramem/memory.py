@@ -481,11 +481,17 @@ class Memory:
         hits = retriever.route(questions, top_k if top_k is not None else min(DEFAULT_TOP_K, len(retriever.modules)))
         return hits, dict(zip(retriever.index.item_ids, retriever.index.texts))
 
+    @functools.cached_property
+    def _base_folder_name(self) -> str:
+        """The name of the base model's folder, which loramem writes into each module's adapter_config.json
+        (resolved once: resolving stats the model cache, and this is checked on every answer)."""
+        return resolve(self.model_name).name
+
     def _check_adapter_base(self, folder: Path) -> None:
         """Refuse a module whose adapter_config.json names another base model than the one loramem wrote there
         (the model's folder; compared by name, so a memory moved to another cache or machine still loads)."""
         named = adapter_config(folder).get("base_model_name_or_path") or ""
-        if Path(named).name != resolve(self.model_name).name:
+        if Path(named).name != self._base_folder_name:
             raise LoramemError(f"module {folder.name}: its adapter_config.json names base model {named!r}, "
                                f"not this memory's {self.model_name!r}")
 
