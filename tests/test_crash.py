@@ -153,10 +153,23 @@ def kill_write(root: Path, trial: Trial, base, seen: dict) -> dict:
     trial.committed, trial.leftovers = len(now), leftovers(memory)
     trial.create_leftovers = [p.name for p in root.iterdir() if p.name.startswith(f".{memory.name}.") and p.is_dir()]
     trial.stale_lock = lock_file(memory).exists()
-    if trial.stale_lock:  # its flock died with the process; the file only names the dead holder
-        assert lock_file(memory).read_text() in ("", f"process {writer.pid}")
+    if trial.stale_lock:  # its flock died with the process; the file only names a dead holder
+        assert names_a_dead_process(lock_file(memory).read_text())
     trial.seconds = time.perf_counter() - started
     return now
+
+
+def names_a_dead_process(text: str) -> bool:
+    """A lock file is empty or names its last holder: this writer, or an earlier killed one when this writer
+    was killed before it took the lock. Either way no process of that id runs any more."""
+    if text == "":
+        return True
+    pid = int(text.removeprefix("process "))
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
 
 
 def complete_write(root: Path, base, seen: dict) -> None:
