@@ -61,3 +61,10 @@ def test_data_dir_setting(tmp_path, monkeypatch):
     assert data_dir() == tmp_path
     with pytest.raises(LoramemError, match="does not exist"):
         data_dir(tmp_path / "missing")
+
+
+def test_first_and_last_layer_sets():
+    assert LoraSpec(layers="first4").layer_indices(30) == [0, 1, 2, 3]
+    assert LoraSpec(layers="last4").layer_indices(18) == [14, 15, 16, 17]
+    with pytest.raises(LoramemError, match="has 4 layers"):
+        LoraSpec(layers="last5").layer_indices(4)

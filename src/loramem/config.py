@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,7 +28,8 @@ class LoraSpec:
              None means alpha = 2 * rank.
     dropout: dropout on the LoRA input during training.
     targets: "attention", "ffn", "all", or a comma-separated list of module names ("q_proj,down_proj").
-    layers:  "all", "early" (first third), "late" (last third), a range "a-b" (inclusive) or a list "0,3,5".
+    layers:  "all", "early" (first third), "late" (last third), "firstN" / "lastN" (the first or last N layers),
+             a range "a-b" (inclusive) or a list "0,3,5".
     rslora, dora, pissa: PEFT variants passed through (rank-stabilised scaling, weight decomposition,
              principal-singular-vector initialisation).
     """
@@ -72,6 +74,12 @@ class LoraSpec:
             return list(range(third))
         if spec == "late":
             return list(range(num_layers - third, num_layers))
+        edge = re.fullmatch(r"(first|last)(\d+)", spec)
+        if edge:  # "first4", "last4": the same placement on models of any depth
+            n = int(edge.group(2))
+            if not 0 < n <= num_layers:
+                raise LoramemError(f"layers {spec!r}: the model has {num_layers} layers")
+            return list(range(n)) if edge.group(1) == "first" else list(range(num_layers - n, num_layers))
         try:
             if "-" in spec:
                 lo, hi = (int(x) for x in spec.split("-"))
@@ -79,7 +87,7 @@ class LoraSpec:
             else:
                 idx = [int(x) for x in spec.split(",")]
         except ValueError:
-            raise LoramemError(f"layers must be all, early, late, a-b or a list, got {self.layers!r}") from None
+            raise LoramemError(f"layers must be all, early, late, firstN, lastN, a-b or a list, got {self.layers!r}") from None
         if not idx or min(idx) < 0 or max(idx) >= num_layers:
             raise LoramemError(f"layers {self.layers!r} out of range for a model with {num_layers} layers")
         return sorted(set(idx))
