@@ -237,3 +237,18 @@ def test_a_module_set_is_merged_once_whatever_the_routers_order():
 
     picks = [[Hit("a", 0.9), Hit("b", 0.5)], [Hit("b", 0.8), Hit("a", 0.7)], [Hit("c", 1.0)]]
     assert _group_by_modules(picks) == {("a", "b"): [0, 1], ("c",): [2]}
+
+
+def test_score_reads_answers_teacher_forced_with_and_without_the_module(written, tiny):
+    memory, record = written
+    facts = facts_from_text(FACTS)
+    with_module, without = memory.score(facts, record.id), memory.score(facts)
+    assert all(s.exact for s in with_module) and not any(s.exact for s in without)
+    # the log-probabilities are those of a plain forward pass over prompt + answer
+    ids = tiny.tokenizer(facts[0].prompt).input_ids
+    answer = tiny.tokenizer(facts[0].answer, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        logp = torch.log_softmax(tiny.model(input_ids=torch.tensor([ids + answer])).logits[0].float(), -1)
+    expected = logp[len(ids) - 1 : len(ids) + len(answer) - 1].gather(1, torch.tensor(answer)[:, None])[:, 0]
+    torch.testing.assert_close(without[0].logp, expected, rtol=1e-4, atol=1e-4)
+    assert without[0].target.tolist() == answer

@@ -48,7 +48,7 @@ from loramem.models import (
 )
 from loramem.route import Hit, Router, make_router
 from loramem.store import MANIFEST, ModuleRecord, Store, now, writer_lock
-from loramem.train import Example
+from loramem.train import Example, Scored, teacher_forced
 
 log = logging.getLogger("loramem")
 EXAMPLES_FILE = "examples.jsonl"
@@ -457,6 +457,16 @@ class Memory:
                     chunks=[{"id": h.id, "score": h.score} for h in chunks[i]], timing=asdict(per_question),
                 )
         return answers
+
+    def score(self, examples: list[Example], module: str | list[str] | None = None, merge: str = "ties") -> list[Scored]:
+        """Read each example's answer teacher-forced after its prompt, with the base weights (module None), one
+        module, or several merged: per-token log-probabilities and whether greedy decoding reproduces it.
+
+        The prompts are used as given (no prompt style is applied); facts and edits are scored this way."""
+        ids = tuple(sorted(self.store.get(m).id for m in ([module] if isinstance(module, str) else module))) \
+            if module else ()
+        with self._weights_applied(ids, merge, Timing()) as model:
+            return teacher_forced(model, self.base.tokenizer, examples)
 
     def _prompt(self, question: str, context: str | None = None) -> str:
         return render_prompt(self.base.tokenizer, question, context, self.prompt)

@@ -332,6 +332,37 @@ def recall(model, tokenizer, encoded: list[Encoded], batch_size: int = 64, preci
     return hits / max(1, len(encoded))
 
 
+@dataclass
+class Scored:
+    """One continuation read teacher-forced: per answer token, its log-probability and the model's argmax."""
+
+    logp: torch.Tensor  # (n_answer,)
+    argmax: torch.Tensor  # (n_answer,)
+    target: torch.Tensor  # (n_answer,)
+
+    @property
+    def exact(self) -> bool:
+        """Greedy decoding would produce the whole continuation."""
+        return bool((self.argmax == self.target).all())
+
+
+@torch.no_grad()
+def teacher_forced(model, tokenizer, examples: list[Example], batch_size: int = 64) -> list[Scored]:
+    """Each example's answer scored token by token after its prompt (EOS not counted), in packed batches."""
+    encoded = encode(tokenizer, examples)
+    device = _causal_lm(model).device
+    out = []
+    with autocast(use_bf16("auto", device), device):
+        for start in range(0, len(encoded), batch_size):
+            batch = pack(encoded[start : start + batch_size], "answer", pad_id=tokenizer.pad_token_id)
+            logp = torch.log_softmax(supervised_logits(model, batch).float(), -1).cpu()
+            picked = logp.gather(1, batch.labels[:, None])[:, 0]
+            for i in range(batch.n_examples):
+                rows = (batch.label_example == i) & batch.label_is_answer
+                out.append(Scored(picked[rows], logp[rows].argmax(-1), batch.labels[rows]))
+    return out
+
+
 def sparse_logp(logits: torch.Tensor, index: torch.Tensor | None, k: int, temperature: float):
     """Log-probabilities (at `temperature`) of the tokens in `index` (default: the top k), then of all others."""
     logp = F.log_softmax(logits.float() / temperature, dim=-1)
