@@ -1,0 +1,95 @@
+"""CounterFact (the paper's second capacity benchmark): counterfactual edits written into a module.
+
+Each edit is a prompt ("Lenta.ru is written in") whose true object (" Russian") is replaced by a new one
+(" Italian"). A module is trained to complete the prompt with the new object, and scored teacher-forced:
+
+- efficacy: after the edit's prompt, the first token of target_new outscores the first token of target_true;
+- paraphrase: the same on a rephrased prompt (generalisation);
+- locality: on a neighbouring prompt the edit must not touch, the model's greedy tokens of the true answer are
+  unchanged from the base model's (EasyEdit's neighbourhood score: the share of answer tokens whose argmax
+  stays the same, averaged over prompts).
+
+Reads `counterfact/counterfact_edits.jsonl`; a size ("1K".."20K") takes as many edits as the paper's
+`paper/pb_cf/counterfact_edit_{size}.csv` holds (each file is a prefix of the next).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from loramem.config import data_dir as resolve_data_dir
+from loramem.errors import LoramemError
+from loramem.train import Example
+
+
+@dataclass(frozen=True)
+class Edit:
+    prompt: str
+    target_new: str
+    target_true: str
+    paraphrase: str
+    neighbour: str
+    neighbour_answer: str
+
+    @property
+    def line(self) -> str:
+        return f"{self.prompt} {self.target_new}"
+
+
+def _root(data_dir) -> Path:
+    root = resolve_data_dir(data_dir)
+    if root is None:
+        raise LoramemError("CounterFact needs the data directory (--data-dir or LORAMEM_DATA)")
+    return root
+
+
+def size_count(size: str, data_dir: str | Path | None = None) -> int:
+    """Edits in the paper's CounterFact file of this size."""
+    path = _root(data_dir) / "paper" / "pb_cf" / f"counterfact_edit_{str(size).strip().upper()}.csv"
+    if not path.exists():
+        raise LoramemError(f"no CounterFact file for size {size!r} ({path.name} is not in the data directory)")
+    with open(path, newline="", encoding="utf-8") as f:
+        return sum(1 for _ in csv.DictReader(f))
+
+
+def load(size: str = "1K", data_dir: str | Path | None = None) -> list[Edit]:
+    """The first edits of counterfact_edits.jsonl, as many as the paper's file of this size."""
+    count = size_count(size, data_dir)
+    path = _root(data_dir) / "counterfact" / "counterfact_edits.jsonl"
+    edits = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in zip(range(1, count + 1), f):
+                row = json.loads(line)
+                edits.append(Edit(row["prompt"], row["target_new"], row["target_true"], row["rephrase_prompt"],
+                                  row["locality_prompt"], row["locality_ground_truth"]))
+    except OSError as e:
+        raise LoramemError(f"cannot read {path}: {e.strerror or e}") from None
+    except (json.JSONDecodeError, KeyError) as e:
+        raise LoramemError(f"{path}:{lineno}: not a CounterFact edit ({e})") from None
+    return edits
+
+
+def examples(edits: list[Edit]) -> list[Example]:
+    """What a module is trained on: each prompt completed with its new object."""
+    return [Example(e.prompt, f" {e.target_new}") for e in edits]
+
+
+def _first_token_wins(memory, prompts: list[str], edits: list[Edit], module) -> float:
+    new = memory.score([Example(p, f" {e.target_new}") for p, e in zip(prompts, edits)], module)
+    true = memory.score([Example(p, f" {e.target_true}") for p, e in zip(prompts, edits)], module)
+    return sum(float(n.logp[0] > t.logp[0]) for n, t in zip(new, true)) / len(edits)
+
+
+def score(memory, edits: list[Edit], module) -> dict:
+    """Efficacy, paraphrase and locality of `module` (an id, or a list to merge) on these edits."""
+    neighbours = [Example(e.neighbour, f" {e.neighbour_answer}") for e in edits]
+    before = memory.score(neighbours)
+    after = memory.score(neighbours, module)
+    locality = sum(float((a.argmax == b.argmax).float().mean()) for a, b in zip(after, before)) / len(edits)
+    return {"efficacy": _first_token_wins(memory, [e.prompt for e in edits], edits, module),
+            "paraphrase": _first_token_wins(memory, [e.paraphrase for e in edits], edits, module),
+            "locality": locality}
