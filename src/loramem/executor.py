@@ -82,18 +82,7 @@ class RayExecutor:
     """
 
     def __init__(self, address: str | None = None, num_cpus: int = 1):
-        try:
-            import ray
-        except ImportError:
-            raise LoramemError("the Ray executor needs ray: pip install 'loramem[ray]'") from None
-        self.ray = ray
-        if not ray.is_initialized():
-            try:
-                # A local Ray started for one write needs no dashboard (its processes cost a core's worth here).
-                local = {"include_dashboard": False} if address is None else {}
-                ray.init(address=address, log_to_driver=False, **local)
-            except ConnectionError as err:
-                raise LoramemError(f"cannot reach a Ray cluster at {address}: {str(err).splitlines()[0]}") from None
+        self.ray = ray = connect_ray(address)
         uses_gpus = ray.cluster_resources().get("GPU", 0) >= 1
         resources = {"num_gpus": 1} if uses_gpus else {"num_cpus": num_cpus}
         self._remote = ray.remote(**resources)(_train_to_files)
@@ -126,6 +115,23 @@ class RayExecutor:
         for ref in self._pending:
             self.ray.cancel(ref)
         self._pending.clear()
+
+
+def connect_ray(address: str | None = None):
+    """The ray module, connected: None starts a local Ray (or reuses this process's), "auto" joins this machine's
+    cluster, "ray://host:10001" connects through Ray Client."""
+    try:
+        import ray
+    except ImportError:
+        raise LoramemError("the Ray executor needs ray: pip install 'loramem[ray]'") from None
+    if not ray.is_initialized():
+        try:
+            # A local Ray started for one job needs no dashboard (its processes cost a core's worth here).
+            local = {"include_dashboard": False} if address is None else {}
+            ray.init(address=address, log_to_driver=False, **local)
+        except ConnectionError as err:
+            raise LoramemError(f"cannot reach a Ray cluster at {address}: {str(err).splitlines()[0]}") from None
+    return ray
 
 
 def _train_to_files(job: TrainJob) -> tuple[dict[str, bytes], TrainStats]:
