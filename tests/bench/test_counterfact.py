@@ -21,6 +21,7 @@ def test_sizes_follow_the_paper_files(root):
     assert len(edits) == 106 and len(counterfact.load("2K", root)) > 106
     assert edits[0].prompt == "Lenta.ru is written in" and edits[0].target_new == "Italian"
     assert counterfact.examples(edits[:1])[0].answer == " Italian"
+    assert counterfact.load("0.5K", root) == edits[:53]  # under 1K: that share of the 1K edits
     with pytest.raises(LoramemError, match="no CounterFact file"):
         counterfact.load("3.5K", root)
 

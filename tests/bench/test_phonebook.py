@@ -45,6 +45,7 @@ def test_real_data_when_present():
     if root is None:
         pytest.skip("LORAMEM_DATA not set")
     assert len(pb.load("1K", root)) == 48 and len(pb.load("8K", root)) == 387
+    assert pb.load("0.5K", root) == pb.load("1K", root)[:24]  # other sizes: prefixes of the paper's data
 
 
 @pytest.mark.parametrize("text,match", [

@@ -10,13 +10,15 @@ Each edit is a prompt ("Lenta.ru is written in") whose true object (" Russian") 
   stays the same, averaged over prompts).
 
 Reads `counterfact/counterfact_edits.jsonl`; a size ("1K".."20K") takes as many edits as the paper's
-`paper/pb_cf/counterfact_edit_{size}.csv` holds (each file is a prefix of the next).
+`paper/pb_cf/counterfact_edit_{size}.csv` holds (each file is a prefix of the next); a size under 1K ("0.25K")
+takes that share of the 1K file's edits.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,10 +49,15 @@ def _root(data_dir) -> Path:
 
 
 def size_count(size: str, data_dir: str | Path | None = None) -> int:
-    """Edits in the paper's CounterFact file of this size."""
-    path = _root(data_dir) / "paper" / "pb_cf" / f"counterfact_edit_{str(size).strip().upper()}.csv"
+    """Edits in the paper's CounterFact file of this size; a size without a file (0.5K) scales the 1K file's count."""
+    folder = _root(data_dir) / "paper" / "pb_cf"
+    label = str(size).strip().upper()
+    path = folder / f"counterfact_edit_{label}.csv"
     if not path.exists():
-        raise LoramemError(f"no CounterFact file for size {size!r} ({path.name} is not in the data directory)")
+        match = re.fullmatch(r"(\d*\.?\d+)K", label)
+        if not match or float(match.group(1)) >= 1 or not (folder / "counterfact_edit_1K.csv").exists():
+            raise LoramemError(f"no CounterFact file for size {size!r} ({path.name} is not in the data directory)")
+        return max(1, round(float(match.group(1)) * size_count("1K", data_dir)))
     with open(path, newline="", encoding="utf-8") as f:
         return sum(1 for _ in csv.DictReader(f))
 

@@ -58,15 +58,19 @@ def parse_size(size: str | int) -> int:
 
 
 def load(size: str = "1K", data_dir: str | Path | None = None, seed: int = 0) -> list[Entry]:
-    """The paper's phonebook of this size when the data directory has it, else a generated one."""
+    """The paper's phonebook of this size when the data directory has it (another size up to 20K: a prefix of
+    its 20K file, as the paper's files are prefixes of each other), else a generated one."""
     root = resolve_data_dir(data_dir)
     label = str(size).strip().upper()
-    if root is not None and label in PAPER_SIZES:
+    entries = max(1, round(parse_size(size) / 1000 * ENTRIES_PER_K) if label.endswith("K") else parse_size(size))
+    if root is not None:
         path = root / "paper" / "pb_cf" / f"phonebook_qa_{label}.csv"
-        if path.exists():
+        if label in PAPER_SIZES and path.exists():
             return read_csv(path)
-    entries = round(parse_size(size) / 1000 * ENTRIES_PER_K) if label.endswith("K") else parse_size(size)
-    return generate(max(1, entries), seed)
+        largest = root / "paper" / "pb_cf" / "phonebook_qa_20K.csv"
+        if largest.exists() and entries <= 968:
+            return read_csv(largest)[:entries]
+    return generate(entries, seed)
 
 
 def read_csv(path: Path) -> list[Entry]:

@@ -7,7 +7,7 @@ scale      the same capacity cells on several base models
 budget     the same cell trained for more epochs (does more training remove the limit?)
 
 Presets: `cpu` sizes a study for a 2-core CPU (FFN modules of the last 4 layers, loramem's recipe: lr 5e-3
-decaying to 0, early stop at exact recall); `paper` is the paper's setting for GPUs (all linear layers,
+decaying to 0 over 16 epochs, early stop at exact recall; sizes from 0.25K, as small modules hold less than 1K); `paper` is the paper's setting for GPUs (all linear layers,
 alpha = r, dropout 0.1, 1,500 steps of batch 8 at lr 5e-5, PhoneBook through the chat template).
 """
 
@@ -48,7 +48,7 @@ class Preset:
 
 PRESETS = {
     "cpu": Preset(targets="ffn", layers="last4", train=TrainSpec(), ranks=(1, 2, 4, 8, 16),
-                  sizes=("1K", "2K", "4K", "8K")),
+                  sizes=("0.25K", "0.5K", "1K", "2K", "4K", "8K")),
     "paper": Preset(targets="all", layers="all", alpha_is_rank=True, dropout=0.1, chat_phonebook=True,
                     train=TrainSpec(lr=5e-5, epochs=10**6, max_steps=1500, batch_size=8, target_recall=None),
                     ranks=(2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), sizes=tuple(f"{k}K" for k in range(1, 21)),
