@@ -15,3 +15,12 @@ def tiny():
 @pytest.fixture(scope="session")
 def smollm():
     return load_base("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray (2 CPUs) for every test that needs one: starting Ray costs many seconds."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

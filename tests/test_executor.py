@@ -1,6 +1,6 @@
 """Training modules as Ray tasks: the same adapters as in-process, committed by the driver, resumable.
 
-One local Ray (2 CPUs) for the whole file: starting Ray costs seconds. Deselect with -m "not ray".
+One local Ray (2 CPUs, shared by the whole session: see conftest): starting Ray costs seconds. Deselect with -m "not ray".
 """
 
 import json
@@ -32,12 +32,10 @@ SHARD_TOKENS = 60  # two facts a shard: three modules
 
 
 @pytest.fixture(scope="module")
-def executor():
+def executor(local_ray):
     from loramem.executor import RayExecutor
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield RayExecutor()
-    ray.shutdown()
+    return RayExecutor()
 
 
 class Counting:

@@ -70,14 +70,9 @@ def test_unknown_dataset_is_refused():
 
 
 @pytest.mark.ray
-def test_cells_run_as_ray_tasks_give_the_same_rows(tiny, tmp_path, no_paper_data):
-    import ray
-
+def test_cells_run_as_ray_tasks_give_the_same_rows(tiny, tmp_path, local_ray):
     here = run_study("here", [cell(2)], tmp_path / "a")
-    try:
-        there = run_study("there", [cell(2)], tmp_path / "b", executor="ray")
-    finally:
-        ray.shutdown()
+    there = run_study("there", [cell(2)], tmp_path / "b", executor="ray")
     same = ("key", "score", "trainable_params", "data_tokens", "steps", "train_recall")
     assert {k: there[0][k] for k in same} == {k: here[0][k] for k in same}
     assert json.loads((tmp_path / "b" / "there.jsonl").read_text())["key"] == cell(2).key
