@@ -640,13 +640,13 @@ def exp_scale(dataset: str = DatasetOpt, models: str = typer.Option("smollm2-135
 
 @exp_app.command("budget")
 def exp_budget(dataset: str = DatasetOpt, rank: int = typer.Option(1, "--rank"), size: str = typer.Option("4K", "--size"),
-               epochs: str = typer.Option("16,32,64", "--epochs"), preset: str = PresetOpt,
+               steps: str = typer.Option("400,800,1600", "--steps"), preset: str = PresetOpt,
                model: str = typer.Option(DEFAULT_MODEL, "--model"), out: Path = StudyOutOpt,
                executor: str = ExecutorOpt, address: Optional[str] = AddressOpt, data_dir: Optional[Path] = DataDirOpt):
-    """One cell trained for more and more epochs: does more training remove the limit?"""
+    """One cell trained for more and more steps: does more training remove the limit?"""
     from loramem.experiments import studies
 
-    cells = studies.budget(studies.preset(preset), dataset, rank, size, _csv(epochs, int), model)
+    cells = studies.budget(studies.preset(preset), dataset, rank, size, _csv(steps, int), model)
     _study("budget", cells, out, executor, address, data_dir)
 
 

@@ -11,7 +11,7 @@ from loramem.experiments.runner import append_row
 
 def row(key: str, rank: int, tokens: int, score: float, dataset="phonebook", **extra) -> dict:
     return {"key": key, "dataset": dataset, "model": "m", "targets": "ffn", "layers": "last4", "variant": "lora",
-            "train": {"epochs": 16}, "rank": rank, "trainable_params": 100 * rank, "size": f"{tokens // 1000}K",
+            "train": {"max_steps": 400}, "rank": rank, "trainable_params": 100 * rank, "size": f"{tokens // 1000}K",
             "data_tokens": tokens, "items": tokens // 20, "score": score, "bits_per_param": 0.1, "epochs": 9,
             "steps": 50, "train_seconds": 3.0, "paraphrase": 0.4, "locality": 0.9, **extra}
 
@@ -22,7 +22,7 @@ def test_report_has_tables_and_plots_for_every_study(tmp_path):
     append_row(tmp_path / "capacity.jsonl", row("cf", 1, 1000, 0.7, dataset="counterfact"))
     append_row(tmp_path / "placement.jsonl", row("p1", 4, 1000, 0.8, layers="first4"))
     append_row(tmp_path / "budget.jsonl", row("b1", 1, 2000, 0.5))
-    append_row(tmp_path / "budget.jsonl", row("b2", 1, 2000, 0.6, train={"epochs": 32}))
+    append_row(tmp_path / "budget.jsonl", row("b2", 1, 2000, 0.6, train={"max_steps": 800}))
     (tmp_path / "paperqa.json").write_text(json.dumps({"rows": [{"setting": "icl", "rouge_l": 0.125}]}))
     page = write_report(tmp_path).read_text()
     assert "| 1 | 100 | 1.000 | 0.500 |" in page  # rank 1: held 1K, lost 2K

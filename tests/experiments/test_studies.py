@@ -52,7 +52,8 @@ def test_presets_and_variants():
     assert paper.cell("counterfact", "1K", 8, "m").prompt == "plain"
     cells = studies.variants(studies.preset("cpu"), "phonebook", [4], ["1K"])
     assert [c.variant for c in cells] == ["lora", "rslora", "dora", "pissa"]
-    assert [c.train.epochs for c in studies.budget(studies.preset("cpu"), "phonebook", 1, "4K", [16, 64])] == [16, 64]
+    assert [c.train.max_steps for c in studies.budget(studies.preset("cpu"), "phonebook", 1, "4K", [400, 800])] == [400, 800]
+    assert studies.preset("cpu").train.max_steps == 400  # one step budget for every cell, as in the paper
     with pytest.raises(LoramemError, match="unknown preset"):
         studies.preset("gpu")
     with pytest.raises(LoramemError, match="unknown variant"):

@@ -184,15 +184,15 @@ def _bars_section(folder: Path, name: str, rows: list[dict]) -> list[str]:
 def _budget_section(folder: Path, name: str, rows: list[dict]) -> list[str]:
     import matplotlib.pyplot as plt
 
-    ordered = sorted(rows, key=lambda r: r["train"]["epochs"])
+    ordered = sorted(rows, key=lambda r: r["train"]["max_steps"] or 0)
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([r["train"]["epochs"] for r in ordered], [r["score"] for r in ordered], marker="o")
-    ax.set(xlabel="epochs allowed", ylabel="score", title=f"{_family_title(ordered[0])}, rank {ordered[0]['rank']}, "
+    ax.plot([r["train"]["max_steps"] for r in ordered], [r["score"] for r in ordered], marker="o")
+    ax.set(xlabel="steps allowed", ylabel="score", title=f"{_family_title(ordered[0])}, rank {ordered[0]['rank']}, "
            f"{ordered[0]['size']}", ylim=(-0.02, 1.02))
     ax.title.set_fontsize(8)
     fig.tight_layout()
     fig.savefig(folder / "budget.png", dpi=110)
     plt.close(fig)
-    table = [{"epochs allowed": r["train"]["epochs"], **{k: r[k] for k in ("size", "rank", "score", "epochs", "steps",
-                                                                          "train_seconds")}} for r in ordered]
+    table = [{"steps allowed": r["train"]["max_steps"], **{k: r[k] for k in ("size", "rank", "score", "steps", "epochs",
+                                                                             "train_seconds")}} for r in ordered]
     return ["## Training budget", "", "![budget](budget.png)", "", *_markdown_table(table), ""]

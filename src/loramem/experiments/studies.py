@@ -4,10 +4,12 @@ capacity   ranks x sizes: score against size per rank; T_max, saturation, effici
 placement  early vs late layers x FFN / attention / all, at equal parameter budgets
 variants   LoRA, rsLoRA, DoRA and PiSSA on the same cells
 scale      the same capacity cells on several base models
-budget     the same cell trained for more epochs (does more training remove the limit?)
+budget     the same cell trained for more steps (does more training remove the limit?)
 
-Presets: `cpu` sizes a study for a 2-core CPU (FFN modules of the last 4 layers, loramem's recipe: lr 5e-3
-decaying to 0 over 16 epochs, early stop at exact recall; sizes from 0.25K, as small modules hold less than 1K); `paper` is the paper's setting for GPUs (all linear layers,
+Presets: `cpu` sizes a study for a 2-core CPU (FFN modules of the last 4 layers; every cell gets the same
+budget of 400 steps of batch 8, lr 5e-3 decaying linearly to 0, stopping early at exact recall; sizes from 0.25K,
+as small modules hold less than 1K). A fixed step budget, as in the paper, keeps small data sets from being
+starved of updates: 16 epochs of 12 entries are only 32 steps; `paper` is the paper's setting for GPUs (all linear layers,
 alpha = r, dropout 0.1, 1,500 steps of batch 8 at lr 5e-5, PhoneBook through the chat template).
 """
 
@@ -47,7 +49,7 @@ class Preset:
 
 
 PRESETS = {
-    "cpu": Preset(targets="ffn", layers="last4", train=TrainSpec(), ranks=(1, 2, 4, 8, 16),
+    "cpu": Preset(targets="ffn", layers="last4", train=TrainSpec(epochs=10**6, max_steps=400), ranks=(1, 2, 4, 8, 16),
                   sizes=("0.25K", "0.5K", "1K", "2K", "4K", "8K")),
     "paper": Preset(targets="all", layers="all", alpha_is_rank=True, dropout=0.1, chat_phonebook=True,
                     train=TrainSpec(lr=5e-5, epochs=10**6, max_steps=1500, batch_size=8, target_recall=None),
@@ -81,8 +83,8 @@ def scale(p: Preset, dataset: str, models, ranks, sizes) -> list[Cell]:
     return [cell for model in models for cell in capacity(p, dataset, ranks, sizes, model)]
 
 
-def budget(p: Preset, dataset: str, rank: int, size: str, epochs, model: str = "smollm2-135m") -> list[Cell]:
-    return [p.cell(dataset, size, rank, model, train=replace(p.train, epochs=e)) for e in epochs]
+def budget(p: Preset, dataset: str, rank: int, size: str, steps, model: str = "smollm2-135m") -> list[Cell]:
+    return [p.cell(dataset, size, rank, model, train=replace(p.train, max_steps=n)) for n in steps]
 
 
 def placement(p: Preset, dataset: str, sizes, budget_rank: int, base, targets=("ffn", "attention", "all"),
