@@ -93,3 +93,12 @@ def test_a_floor_skips_larger_sizes_of_a_fallen_curve(tiny, tmp_path, monkeypatc
     assert len(rows) == 4
     run_study("capacity", cells, tmp_path)  # without the floor, the skipped cells are filled in
     assert ran[4:] == [(1, "0.2K"), (1, "0.4K")]
+
+
+def test_a_cell_runs_on_a_local_hugging_face_folder(tiny):
+    from loramem.models import resolve
+
+    folder = str(resolve("tiny"))  # the tiny model's converted folder, as a user's own model would be given
+    row = runner.run_cell(Cell("phonebook", "0.1K", LoraSpec(rank=2, targets="ffn", layers="last2"), FAST, folder))
+    assert row["model"] == folder and row["base_sha256"] == tiny.fingerprint["weights_sha256"][:16]
+    assert 0.0 <= row["score"] <= 1.0 and row["items"] == 5
