@@ -44,3 +44,7 @@ def test_a_written_edit_wins_and_an_empty_change_keeps_locality(tiny, tmp_path, 
     assert 0.0 <= scores["paraphrase"] <= 1.0 and 0.0 <= scores["locality"] <= 1.0
     before = memory.score(counterfact.examples(edits))
     assert sum(s.exact for s in before) < len(edits)  # the base model did not already say them
+    # a module that barely moved the weights leaves every neighbour's greedy tokens as they were
+    still = memory.write(counterfact.examples(edits), LoraSpec(rank=8), TrainSpec(lr=1e-9, epochs=1, target_recall=None),
+                         progress=False)
+    assert counterfact.score(memory, edits, still.id)["locality"] == 1.0
