@@ -5,9 +5,11 @@ Each edit is a prompt ("Lenta.ru is written in") whose true object (" Russian") 
 
 - efficacy: after the edit's prompt, the first token of target_new outscores the first token of target_true;
 - paraphrase: the same on a rephrased prompt (generalisation);
-- locality: on a neighbouring prompt the edit must not touch, the model's greedy tokens of the true answer are
-  unchanged from the base model's (EasyEdit's neighbourhood score: the share of answer tokens whose argmax
-  stays the same, averaged over prompts).
+- locality: on a neighbouring prompt the edit must not touch, the first token of its true answer still
+  outscores the first token of the edit's target_new (ROME's neighbourhood score);
+- unchanged: the stricter EasyEdit score, the share of the neighbour's answer tokens whose greedy prediction
+  (teacher-forced) is the base model's. A small model that did not know the neighbour's answer, and after the
+  edit names the right kind of object, counts as changed here.
 
 Reads `counterfact/counterfact_edits.jsonl`; a size ("1K".."20K") takes as many edits as the paper's
 `paper/pb_cf/counterfact_edit_{size}.csv` holds (each file is a prefix of the next); a size under 1K ("0.25K")
@@ -85,18 +87,20 @@ def examples(edits: list[Edit]) -> list[Example]:
     return [Example(e.prompt, f" {e.target_new}") for e in edits]
 
 
-def _first_token_wins(memory, prompts: list[str], edits: list[Edit], module) -> float:
-    new = memory.score([Example(p, f" {e.target_new}") for p, e in zip(prompts, edits)], module)
-    true = memory.score([Example(p, f" {e.target_true}") for p, e in zip(prompts, edits)], module)
-    return sum(float(n.logp[0] > t.logp[0]) for n, t in zip(new, true)) / len(edits)
+def _share_preferred(memory, prompts: list[str], preferred: list[str], other: list[str], module) -> float:
+    """Share of prompts after which the first token of `preferred` outscores the first token of `other`."""
+    wins = memory.score([Example(p, f" {a}") for p, a in zip(prompts, preferred)], module)
+    losses = memory.score([Example(p, f" {b}") for p, b in zip(prompts, other)], module)
+    return sum(float(w.logp[0] > lo.logp[0]) for w, lo in zip(wins, losses)) / len(prompts)
 
 
 def score(memory, edits: list[Edit], module) -> dict:
-    """Efficacy, paraphrase and locality of `module` (an id, or a list to merge) on these edits."""
-    neighbours = [Example(e.neighbour, f" {e.neighbour_answer}") for e in edits]
-    before = memory.score(neighbours)
-    after = memory.score(neighbours, module)
-    locality = sum(float((a.argmax == b.argmax).float().mean()) for a, b in zip(after, before)) / len(edits)
-    return {"efficacy": _first_token_wins(memory, [e.prompt for e in edits], edits, module),
-            "paraphrase": _first_token_wins(memory, [e.paraphrase for e in edits], edits, module),
-            "locality": locality}
+    """Efficacy, paraphrase, locality and unchanged of `module` (an id, or a list to merge) on these edits."""
+    new, true = [e.target_new for e in edits], [e.target_true for e in edits]
+    neighbours = [e.neighbour for e in edits]
+    before = memory.score([Example(e.neighbour, f" {e.neighbour_answer}") for e in edits])
+    after = memory.score([Example(e.neighbour, f" {e.neighbour_answer}") for e in edits], module)
+    return {"efficacy": _share_preferred(memory, [e.prompt for e in edits], new, true, module),
+            "paraphrase": _share_preferred(memory, [e.paraphrase for e in edits], new, true, module),
+            "locality": _share_preferred(memory, neighbours, [e.neighbour_answer for e in edits], new, module),
+            "unchanged": sum(float((a.argmax == b.argmax).float().mean()) for a, b in zip(after, before)) / len(edits)}
