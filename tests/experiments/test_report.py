@@ -13,7 +13,7 @@ def row(key: str, rank: int, tokens: int, score: float, dataset="phonebook", **e
     return {"key": key, "dataset": dataset, "model": "m", "targets": "ffn", "layers": "last4", "variant": "lora",
             "train": {"max_steps": 400}, "rank": rank, "trainable_params": 100 * rank, "size": f"{tokens // 1000}K",
             "data_tokens": tokens, "items": tokens // 20, "score": score, "bits_per_param": 0.1, "epochs": 9,
-            "steps": 50, "train_seconds": 3.0, "paraphrase": 0.4, "locality": 0.9, **extra}
+            "steps": 50, "train_seconds": 3.0, "paraphrase": 0.4, "locality": 0.9, "unchanged": 0.2, **extra}
 
 
 def test_report_has_tables_and_plots_for_every_study(tmp_path):
@@ -28,7 +28,7 @@ def test_report_has_tables_and_plots_for_every_study(tmp_path):
     assert "| 1 | 100 | 1.000 | 0.500 |" in page  # rank 1: held 1K, lost 2K
     assert "| 1 | 100 | 1K | 1,000 | 10.000 |" in page  # T_max and tokens per parameter
     assert "| 4 | 400 | >= 2K |" in page  # censored: the largest size still held
-    assert "0.700 (0.40 / 0.90)" in page  # CounterFact efficacy (paraphrase / locality)
+    assert "0.700 (0.40 / 0.90 / 0.20)" in page  # CounterFact efficacy (paraphrase / locality / unchanged)
     assert "## Placement" in page and "## Training budget" in page and "| icl | 0.125 |" in page
     for name in ("efficiency.png", "placement.png", "budget.png", "capacity-phonebook-m-ffn-last4-lora.png"):
         assert (tmp_path / name).stat().st_size > 1000

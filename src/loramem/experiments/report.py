@@ -28,7 +28,8 @@ def write_report(folder: str | Path, threshold: float = DEFAULT_THRESHOLD) -> Pa
     matplotlib.use("Agg")  # files only, no display
     lines = [f"# loramem studies: {folder.name}", "",
              f"Written by `loramem report {folder}` from the rows in this folder. Scores: PhoneBook exact match "
-             "(teacher-forced greedy), CounterFact efficacy; T_max is the largest size up to which every size scored "
+             "(teacher-forced greedy), CounterFact efficacy (with paraphrase efficacy, locality as ROME's neighbourhood "
+             "score, and the share of neighbour tokens unchanged); T_max is the largest size up to which every size scored "
              f">= {threshold:g}.", ""]
     curves = {r["key"]: r for name in CURVE_STUDIES for r in studies.get(name, [])}
     if curves:
@@ -87,7 +88,7 @@ def _capacity_section(folder: Path, rows: list[dict], threshold: float) -> list[
         sizes = sorted({(r["data_tokens"], r["size"]) for r in members})
         ranks = sorted({r["rank"] for r in members})
         score = {(r["rank"], r["size"]): r for r in members}
-        extra = " (paraphrase / locality)" if members[0]["dataset"] == "counterfact" else ""
+        extra = " (paraphrase / locality / unchanged)" if members[0]["dataset"] == "counterfact" else ""
         lines += [f"### {title}", "", f"Score by rank (rows) and size (columns){extra}:", "",
                   "| rank | params | " + " | ".join(s for _, s in sizes) + " |", "|---|---|" + "---|" * len(sizes)]
         for rank in ranks:
@@ -96,7 +97,7 @@ def _capacity_section(folder: Path, rows: list[dict], threshold: float) -> list[
                 r = score.get((rank, size))
                 cell = "" if r is None else f"{r['score']:.3f}"
                 if r is not None and r["dataset"] == "counterfact":
-                    cell += f" ({r['paraphrase']:.2f} / {r['locality']:.2f})"
+                    cell += f" ({r['paraphrase']:.2f} / {r['locality']:.2f} / {r.get('unchanged', float('nan')):.2f})"
                 cells.append(cell)
             params = next(r["trainable_params"] for r in members if r["rank"] == rank)
             lines.append(f"| {rank} | {params:,} | " + " | ".join(cells) + " |")
@@ -162,7 +163,8 @@ def _bars_section(folder: Path, name: str, rows: list[dict]) -> list[str]:
     import matplotlib.pyplot as plt
 
     keys = ["dataset", "model", "size", "layers", "targets", "rank", "variant", "trainable_params", "score",
-            *(["paraphrase", "locality"] if rows[0]["dataset"] == "counterfact" else []), "epochs", "train_seconds"]
+            *(["paraphrase", "locality", "unchanged"] if rows[0]["dataset"] == "counterfact" else []), "steps",
+            "train_seconds"]
     sizes = sorted({(r["data_tokens"], r["size"]) for r in rows})
     labels = list(dict.fromkeys(_label(r) for r in rows))
     fig, ax = plt.subplots(figsize=(max(6, len(labels) * 0.9), 4))
