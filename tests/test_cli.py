@@ -44,6 +44,11 @@ def test_write_inspect_ask(memory):
     (["write", "{tmp}/new", "{tmp}/facts.txt", "--model", "gpt-17"], "unknown model 'gpt-17'"),
     (["write", "{tmp}/new", "{tmp}/facts.txt", "--model", "{tmp}"], "is not a model"),
     (["write", "{tmp}/new", "{tmp}/missing.txt", "--model", "tiny"], "no such file"),
+    (["exp", "capacity", "--preset", "gpu", "--out", "{tmp}/st"], "unknown preset 'gpu'"),
+    (["exp", "capacity", "--dataset", "wiki", "--model", "tiny", "--out", "{tmp}/st"], "unknown dataset 'wiki'"),
+    (["exp", "variants", "--variants", "lokr", "--model", "tiny", "--out", "{tmp}/st"], "unknown variant 'lokr'"),
+    (["exp", "capacity", "--executor", "slurm", "--model", "tiny", "--out", "{tmp}/st"], "unknown executor 'slurm'"),
+    (["report", "{tmp}"], "no study results"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, message):
     (tmp_path / "empty.txt").write_text("")
@@ -99,3 +104,13 @@ def test_bad_document_writes(tmp_path, args, message):
     out = loramem("write", tmp_path / "m", tmp_path, "--model", "tiny", *args)
     assert out.returncode == 2 and message in out.stderr.lower() and len(out.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "m").exists()
+
+
+def test_a_study_then_its_report(tmp_path):
+    out = loramem("exp", "capacity", "--model", "tiny", "--ranks", "2", "--sizes", "0.1K", "--steps", "10",
+                  "--out", tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "rank 2" in out.stderr and len((tmp_path / "capacity.jsonl").read_text().splitlines()) == 1
+    out = loramem("report", tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "| 2 |" in (tmp_path / "report.md").read_text() and (tmp_path / "efficiency.png").exists()

@@ -554,6 +554,7 @@ SizesOpt = typer.Option(None, "--sizes", help="comma-separated sizes such as 1K,
 StudyOutOpt = typer.Option(Path("studies"), "--out", help="results folder (one JSONL file per study)")
 ExecutorOpt = typer.Option("inprocess", "--executor", help="inprocess, or ray (each cell a Ray task)")
 AddressOpt = typer.Option(None, "--address", help="Ray cluster address (auto, ray://host:10001); default a local Ray")
+StepsOpt = typer.Option(None, "--steps", help="every cell's step budget (default: the preset's)")
 
 
 def _csv(value: str | None, cast=str) -> list | None:
@@ -582,7 +583,7 @@ def _study(name: str, cells, out: Path, executor: str, address: str | None, data
 
 @exp_app.command("capacity")
 def exp_capacity(dataset: str = DatasetOpt, ranks: Optional[str] = RanksOpt, sizes: Optional[str] = SizesOpt,
-                 preset: str = PresetOpt, model: str = typer.Option(DEFAULT_MODEL, "--model"),
+                 preset: str = PresetOpt, steps: Optional[int] = StepsOpt, model: str = typer.Option(DEFAULT_MODEL, "--model"),
                  out: Path = StudyOutOpt, executor: str = ExecutorOpt, address: Optional[str] = AddressOpt,
                  data_dir: Optional[Path] = DataDirOpt,
                  floor: float = typer.Option(0.0, "--floor", help="skip a rank's larger sizes once one scored below "
@@ -590,7 +591,7 @@ def exp_capacity(dataset: str = DatasetOpt, ranks: Optional[str] = RanksOpt, siz
     """Ranks x sizes: how much one module stores, and where it saturates."""
     from loramem.experiments import studies
 
-    cells = studies.capacity(studies.preset(preset), dataset, _csv(ranks, int), _csv(sizes), model)
+    cells = studies.capacity(studies.preset(preset, steps), dataset, _csv(ranks, int), _csv(sizes), model)
     _study("capacity", cells, out, executor, address, data_dir, floor)
 
 
@@ -600,14 +601,14 @@ def exp_placement(dataset: str = DatasetOpt, sizes: str = typer.Option("1K,2K", 
                                                   "preset's placement at this rank"),
                   layer_sets: Optional[str] = typer.Option(None, "--layer-sets", help="e.g. first4,last4 (default: the "
                                                            "preset's early and late sets)"),
-                  targets: str = typer.Option("ffn,attention,all", "--targets"), preset: str = PresetOpt,
+                  targets: str = typer.Option("ffn,attention,all", "--targets"), preset: str = PresetOpt, steps: Optional[int] = StepsOpt,
                   model: str = typer.Option(DEFAULT_MODEL, "--model"), out: Path = StudyOutOpt,
                   executor: str = ExecutorOpt, address: Optional[str] = AddressOpt, data_dir: Optional[Path] = DataDirOpt):
     """Early vs late layers x FFN / attention / all, at equal parameter budgets."""
     from loramem.experiments import studies
     from loramem.models import load_base
 
-    cells = studies.placement(studies.preset(preset), dataset, _csv(sizes), budget_rank, load_base(model),
+    cells = studies.placement(studies.preset(preset, steps), dataset, _csv(sizes), budget_rank, load_base(model),
                               _csv(targets), _csv(layer_sets))
     _study("placement", cells, out, executor, address, data_dir)
 
@@ -615,13 +616,13 @@ def exp_placement(dataset: str = DatasetOpt, sizes: str = typer.Option("1K,2K", 
 @exp_app.command("variants")
 def exp_variants(dataset: str = DatasetOpt, ranks: str = typer.Option("1,4", "--ranks"),
                  sizes: str = typer.Option("1K,2K,4K", "--sizes"),
-                 variants: str = typer.Option("lora,rslora,dora,pissa", "--variants"), preset: str = PresetOpt,
+                 variants: str = typer.Option("lora,rslora,dora,pissa", "--variants"), preset: str = PresetOpt, steps: Optional[int] = StepsOpt,
                  model: str = typer.Option(DEFAULT_MODEL, "--model"), out: Path = StudyOutOpt,
                  executor: str = ExecutorOpt, address: Optional[str] = AddressOpt, data_dir: Optional[Path] = DataDirOpt):
     """LoRA, rsLoRA, DoRA and PiSSA on the same cells."""
     from loramem.experiments import studies
 
-    cells = studies.variants(studies.preset(preset), dataset, _csv(ranks, int), _csv(sizes), model, _csv(variants))
+    cells = studies.variants(studies.preset(preset, steps), dataset, _csv(ranks, int), _csv(sizes), model, _csv(variants))
     _study("variants", cells, out, executor, address, data_dir)
 
 
@@ -629,12 +630,12 @@ def exp_variants(dataset: str = DatasetOpt, ranks: str = typer.Option("1,4", "--
 def exp_scale(dataset: str = DatasetOpt, models: str = typer.Option("smollm2-135m,gemma3-270m", "--models",
                                                                     help="registry names or local HF folders"),
               ranks: str = typer.Option("1,4", "--ranks"), sizes: str = typer.Option("1K,2K,4K", "--sizes"),
-              preset: str = PresetOpt, out: Path = StudyOutOpt, executor: str = ExecutorOpt,
+              preset: str = PresetOpt, steps: Optional[int] = StepsOpt, out: Path = StudyOutOpt, executor: str = ExecutorOpt,
               address: Optional[str] = AddressOpt, data_dir: Optional[Path] = DataDirOpt):
     """The same capacity cells on several base models."""
     from loramem.experiments import studies
 
-    cells = studies.scale(studies.preset(preset), dataset, _csv(models), _csv(ranks, int), _csv(sizes))
+    cells = studies.scale(studies.preset(preset, steps), dataset, _csv(models), _csv(ranks, int), _csv(sizes))
     _study("scale", cells, out, executor, address, data_dir)
 
 

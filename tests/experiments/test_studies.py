@@ -54,6 +54,7 @@ def test_presets_and_variants():
     assert [c.variant for c in cells] == ["lora", "rslora", "dora", "pissa"]
     assert [c.train.max_steps for c in studies.budget(studies.preset("cpu"), "phonebook", 1, "4K", [400, 800])] == [400, 800]
     assert studies.preset("cpu").train.max_steps == 400  # one step budget for every cell, as in the paper
+    assert studies.preset("cpu", steps=200).train.max_steps == 200
     with pytest.raises(LoramemError, match="unknown preset"):
         studies.preset("gpu")
     with pytest.raises(LoramemError, match="unknown variant"):

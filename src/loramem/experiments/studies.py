@@ -58,10 +58,12 @@ PRESETS = {
 }
 
 
-def preset(name: str) -> Preset:
+def preset(name: str, steps: int | None = None) -> Preset:
+    """A preset by name, with every cell's step budget changed to `steps` when given."""
     if name not in PRESETS:
         raise LoramemError(f"unknown preset {name!r}; choose {' or '.join(PRESETS)}")
-    return PRESETS[name]
+    chosen = PRESETS[name]
+    return replace(chosen, train=replace(chosen.train, max_steps=steps)) if steps else chosen
 
 
 # --- the studies ----------------------------------------------------------------------------------------
