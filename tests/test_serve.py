@@ -87,8 +87,11 @@ def test_default_answer_recalls_the_fact_with_its_module(client, memories, tiny)
     assert set(reply.loramem["timing"]) == {"route", "merge", "prefill", "decode"}
     text, usage = reply.choices[0].message.content, reply.usage
     assert usage.prompt_tokens == len(tiny.tokenizer(render_prompt(tiny.tokenizer, QUESTION)).input_ids)
-    assert usage.completion_tokens == len(tiny.tokenizer(text, add_special_tokens=False).input_ids)
+    assert usage.completion_tokens == len(tiny.tokenizer(" " + text, add_special_tokens=False).input_ids)
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    # the context put into the prompt is read, so it is counted
+    with_context = ask(client, context="icl").usage
+    assert with_context.prompt_tokens > usage.prompt_tokens
 
 
 def test_streaming_chunks_join_to_the_same_text(client):

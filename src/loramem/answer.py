@@ -47,6 +47,8 @@ class Answer:
     module_scores: list[float] = field(default_factory=list)  # the router's score of each module
     chunks: list[dict] = field(default_factory=list)  # retrieved passages: {"id": "<module>:<n>", "score"}
     timing: dict = field(default_factory=dict)  # seconds: route, merge, prefill, decode
+    prompt_tokens: int = 0  # the whole prompt read, context included
+    completion_tokens: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -138,8 +140,9 @@ class _FirstLogits:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 24, batch_size: int = 16,
-             timing: Timing | None = None) -> list[str]:
-    """Greedy completions, generated in left-padded batches; prefill and decode seconds add to `timing`."""
+             timing: Timing | None = None, counts: list | None = None) -> list[str]:
+    """Greedy completions, generated in left-padded batches; prefill and decode seconds add to `timing`, and
+    (prompt tokens, generated tokens before EOS) per prompt to `counts`."""
     from transformers import LogitsProcessorList
 
     tokenizer.padding_side = "left"
@@ -153,7 +156,12 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 24, bat
             **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id, logits_processor=LogitsProcessorList([first]),
         )
-        out += tokenizer.batch_decode(ids[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+        generated = ids[:, enc.input_ids.shape[1]:]
+        out += tokenizer.batch_decode(generated, skip_special_tokens=True)
+        if counts is not None:
+            is_eos = generated == tokenizer.eos_token_id
+            produced = torch.where(is_eos.any(1), is_eos.int().argmax(1), generated.shape[1])  # up to the first EOS
+            counts += list(zip(enc.attention_mask.sum(1).tolist(), produced.tolist()))
         if timing is not None:
             ended = time.perf_counter()
             timing.prefill += (first.at or ended) - began

@@ -445,16 +445,18 @@ class Memory:
         in_weights = picks if weights != "base" else [[] for _ in questions]
         for ids, members in _group_by_modules(in_weights).items():
             timing = Timing()
+            counts: list[tuple[int, int]] = []
             with self._weights_applied(ids, merge, timing) as model:
                 texts = generate(model, base.tokenizer, [prompts[i] for i in members], max_new_tokens, batch_size,
-                                 timing=timing)
+                                 timing=timing, counts=counts)
             per_question = timing.share(len(members))
             per_question.route = route_seconds
-            for i, text in zip(members, texts):
+            for i, text, (read, written) in zip(members, texts, counts):
                 answers[i] = Answer(
                     questions[i], text.strip(), mode, [h.id for h in picks[i]], seconds=per_question.total,
                     module_scores=[h.score for h in picks[i]],
                     chunks=[{"id": h.id, "score": h.score} for h in chunks[i]], timing=asdict(per_question),
+                    prompt_tokens=read, completion_tokens=written,
                 )
         return answers
 

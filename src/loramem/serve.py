@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from loramem.answer import Answer, parse_mode, render_prompt
+from loramem.answer import Answer, parse_mode
 from loramem.config import LoraSpec, TrainSpec
 from loramem.corpus import Document
 from loramem.errors import LoramemError
@@ -384,11 +384,9 @@ class Service:
         options = dict(key.options)
         answers = memory.ask_many(questions, batch_size=self.max_batch, **options)
         names = {m.id: m.name for m in memory.modules()}
-        tokenizer = memory.base.tokenizer
-        # Prompt tokens count the question's prompt; ICL and RAG context is not included (ask_many keeps it).
-        return [Reply(a, [names.get(i, i) for i in a.modules],
-                      len(tokenizer(render_prompt(tokenizer, a.question, style=memory.prompt)).input_ids),
-                      len(tokenizer(a.text, add_special_tokens=False).input_ids), len(questions)) for a in answers]
+        # Usage as generation counted it: the whole prompt read (ICL or RAG context included) and the tokens written.
+        return [Reply(a, [names.get(i, i) for i in a.modules], a.prompt_tokens, a.completion_tokens, len(questions))
+                for a in answers]
 
     def submit_documents(self, name: str, request: DocumentsRequest) -> Job:
         memory = self.memory(name)
