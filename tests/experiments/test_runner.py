@@ -51,6 +51,7 @@ def test_study_appends_rows_and_a_rerun_resumes(tiny, tmp_path, monkeypatch, no_
     rows = run_study("capacity", cells, tmp_path)
     assert calls[2:] == [cells[1].key, cells[2].key]
     assert [r["key"] for r in rows] == [c.key for c in cells]
+    assert [r["key"] for r in read_rows(path)] == [c.key for c in cells]  # the new rows did not join the cut line
     # another study asking for a measured cell copies its row instead of running it
     run_study("variants", [cells[0]], tmp_path)
     assert len(calls) == 4

@@ -101,9 +101,11 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def append_row(path: Path, row: dict) -> None:
-    """Append one row and make it durable before the next cell starts."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
+    """Append one row and make it durable before the next cell starts (after a line a crash cut short, on a
+    line of its own)."""
+    with open(path, "a+b") as f:
+        cut = f.tell() > 0 and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n"
+        f.write((("\n" if cut else "") + json.dumps(row) + "\n").encode())
         f.flush()
         os.fsync(f.fileno())
 
