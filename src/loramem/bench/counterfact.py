@@ -95,7 +95,8 @@ def _share_preferred(memory, prompts: list[str], preferred: list[str], other: li
 
 
 def score(memory, edits: list[Edit], module) -> dict:
-    """Efficacy, paraphrase, locality and unchanged of `module` (an id, or a list to merge) on these edits."""
+    """Efficacy, paraphrase, locality and unchanged of `module` (an id, or a list to merge) on these edits, and the
+    base model's own locality (how often a neighbour preferred its true object before any edit)."""
     new, true = [e.target_new for e in edits], [e.target_true for e in edits]
     neighbours = [e.neighbour for e in edits]
     before = memory.score([Example(e.neighbour, f" {e.neighbour_answer}") for e in edits])
@@ -103,4 +104,5 @@ def score(memory, edits: list[Edit], module) -> dict:
     return {"efficacy": _share_preferred(memory, [e.prompt for e in edits], new, true, module),
             "paraphrase": _share_preferred(memory, [e.paraphrase for e in edits], new, true, module),
             "locality": _share_preferred(memory, neighbours, [e.neighbour_answer for e in edits], new, module),
+            "base_locality": _share_preferred(memory, neighbours, [e.neighbour_answer for e in edits], new, None),
             "unchanged": sum(float((a.argmax == b.argmax).float().mean()) for a, b in zip(after, before)) / len(edits)}
