@@ -252,3 +252,11 @@ def test_score_reads_answers_teacher_forced_with_and_without_the_module(written,
     expected = logp[len(ids) - 1 : len(ids) + len(answer) - 1].gather(1, torch.tensor(answer)[:, None])[:, 0]
     torch.testing.assert_close(without[0].logp, expected, rtol=1e-4, atol=1e-4)
     assert without[0].target.tolist() == answer
+
+
+def test_score_puts_questions_in_the_memory_prompt_style(tiny, tmp_path):
+    memory = Memory.open(tmp_path / "chat.mem", create=True, base=tiny, prompt="chat")
+    record = memory.write(facts_from_text(FACTS), lora=LoraSpec(rank=8), train_spec=FAST, progress=False)
+    assert record.recall == 1.0
+    # stored plain, trained in the chat template: scoring the stored form reads it as it was trained
+    assert all(s.exact for s in memory.score(facts_from_text(FACTS), record.id))

@@ -464,11 +464,12 @@ class Memory:
         """Read each example's answer teacher-forced after its prompt, with the base weights (module None), one
         module, or several merged: per-token log-probabilities and whether greedy decoding reproduces it.
 
-        The prompts are used as given (no prompt style is applied); facts and edits are scored this way."""
+        Examples are put in the memory's prompt style exactly as training puts them (answer.render_example)."""
         ids = tuple(sorted(self.store.get(m).id for m in ([module] if isinstance(module, str) else module))) \
             if module else ()
+        styled = [render_example(self.base.tokenizer, e, self.prompt) for e in examples]
         with self._weights_applied(ids, merge, Timing()) as model:
-            return teacher_forced(model, self.base.tokenizer, examples)
+            return teacher_forced(model, self.base.tokenizer, styled)
 
     def _prompt(self, question: str, context: str | None = None) -> str:
         return render_prompt(self.base.tokenizer, question, context, self.prompt)

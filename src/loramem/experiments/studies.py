@@ -6,11 +6,13 @@ variants   LoRA, rsLoRA, DoRA and PiSSA on the same cells
 scale      the same capacity cells on several base models
 budget     the same cell trained for more steps (does more training remove the limit?)
 
-Presets: `cpu` sizes a study for a 2-core CPU (FFN modules of the last 4 layers; every cell gets the same
-budget of 400 steps of batch 8, lr 5e-3 decaying linearly to 0, stopping early at exact recall; sizes from 0.25K,
-as small modules hold less than 1K). A fixed step budget, as in the paper, keeps small data sets from being
-starved of updates: 16 epochs of 12 entries are only 32 steps; `paper` is the paper's setting for GPUs (all linear layers,
-alpha = r, dropout 0.1, 1,500 steps of batch 8 at lr 5e-5, PhoneBook through the chat template).
+Presets:
+- `cpu` sizes a study for a 2-core CPU: FFN modules of the last 4 layers; every cell gets the same budget of 400
+  steps of batch 8 (lr 5e-3 decaying linearly to 0, stopping early at exact recall); sizes from 0.25K, as small
+  modules hold less than 1K. A fixed step budget, as in the paper, keeps small data sets from being starved of
+  updates (16 epochs of 12 entries are only 32 steps).
+- `paper` is the paper's setting for GPUs: all linear layers, alpha = r, dropout 0.1, 1,500 steps of batch 8 at
+  lr 5e-5, PhoneBook through the chat template.
 """
 
 from __future__ import annotations
