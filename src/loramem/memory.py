@@ -460,16 +460,18 @@ class Memory:
                 )
         return answers
 
-    def score(self, examples: list[Example], module: str | list[str] | None = None, merge: str = "ties") -> list[Scored]:
+    def score(self, examples: list[Example], module: str | list[str] | None = None, merge: str = "ties",
+              rivals: list[list[int]] | None = None) -> list[Scored]:
         """Read each example's answer teacher-forced after its prompt, with the base weights (module None), one
         module, or several merged: per-token log-probabilities and whether greedy decoding reproduces it.
 
-        Examples are put in the memory's prompt style exactly as training puts them (answer.render_example)."""
+        Examples are put in the memory's prompt style exactly as training puts them (answer.render_example).
+        `rivals` (token ids per example) are scored where each answer's first token stands."""
         ids = tuple(sorted(self.store.get(m).id for m in ([module] if isinstance(module, str) else module))) \
             if module else ()
         styled = [render_example(self.base.tokenizer, e, self.prompt) for e in examples]
         with self._weights_applied(ids, merge, Timing()) as model:
-            return teacher_forced(model, self.base.tokenizer, styled)
+            return teacher_forced(model, self.base.tokenizer, styled, rivals=rivals)
 
     def _prompt(self, question: str, context: str | None = None) -> str:
         return render_prompt(self.base.tokenizer, question, context, self.prompt)

@@ -339,6 +339,7 @@ class Scored:
     logp: torch.Tensor  # (n_answer,)
     argmax: torch.Tensor  # (n_answer,)
     target: torch.Tensor  # (n_answer,)
+    rivals: torch.Tensor | None = None  # log-probabilities of other tokens at the first answer position, when asked
 
     @property
     def exact(self) -> bool:
@@ -347,8 +348,11 @@ class Scored:
 
 
 @torch.no_grad()
-def teacher_forced(model, tokenizer, examples: list[Example], batch_size: int = 64) -> list[Scored]:
-    """Each example's answer scored token by token after its prompt (EOS not counted), in packed batches."""
+def teacher_forced(model, tokenizer, examples: list[Example], batch_size: int = 64,
+                   rivals: list[list[int]] | None = None) -> list[Scored]:
+    """Each example's answer scored token by token after its prompt (EOS not counted), in packed batches; with
+    `rivals`, also the log-probabilities of those token ids where the answer's first token stands (one pass
+    compares the answer with its alternatives)."""
     encoded = encode(tokenizer, examples)
     device = _causal_lm(model).device
     out = []
@@ -359,7 +363,9 @@ def teacher_forced(model, tokenizer, examples: list[Example], batch_size: int = 
             picked = logp.gather(1, batch.labels[:, None])[:, 0]
             for i in range(batch.n_examples):
                 rows = (batch.label_example == i) & batch.label_is_answer
-                out.append(Scored(picked[rows], logp[rows].argmax(-1), batch.labels[rows]))
+                first = logp[rows][0]
+                rival = first[rivals[start + i]] if rivals is not None else None
+                out.append(Scored(picked[rows], logp[rows].argmax(-1), batch.labels[rows], rival))
     return out
 
 

@@ -49,3 +49,13 @@ def test_a_written_edit_wins_and_an_empty_change_keeps_locality(tiny, tmp_path, 
                          progress=False)
     barely, base = counterfact.score(memory, edits, still.id), counterfact.score(memory, edits, None)
     assert barely["unchanged"] == base["unchanged"] == 1.0 and barely["locality"] == base["locality"]
+
+
+def test_one_pass_comparison_equals_scoring_both_objects(tiny, tmp_path, root):
+    edits = counterfact.load("1K", root)[:10]
+    memory = Memory.open(tmp_path / "cf.mem", create=True, base=tiny)
+    flags, _ = counterfact._preferred(memory, [e.prompt for e in edits], [e.target_new for e in edits],
+                                      [e.target_true for e in edits], None)
+    new = memory.score([counterfact.Example(e.prompt, f" {e.target_new}") for e in edits])
+    true = memory.score([counterfact.Example(e.prompt, f" {e.target_true}") for e in edits])
+    assert flags == [bool(n.logp[0] > t.logp[0]) for n, t in zip(new, true)]

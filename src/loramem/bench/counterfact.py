@@ -87,22 +87,35 @@ def examples(edits: list[Edit]) -> list[Example]:
     return [Example(e.prompt, f" {e.target_new}") for e in edits]
 
 
-def _share_preferred(memory, prompts: list[str], preferred: list[str], other: list[str], module) -> float:
-    """Share of prompts after which the first token of `preferred` outscores the first token of `other`."""
-    wins = memory.score([Example(p, f" {a}") for p, a in zip(prompts, preferred)], module)
-    losses = memory.score([Example(p, f" {b}") for p, b in zip(prompts, other)], module)
-    return sum(float(w.logp[0] > lo.logp[0]) for w, lo in zip(wins, losses)) / len(prompts)
+def _first_token(tokenizer, text: str) -> int:
+    return tokenizer(f" {text}", add_special_tokens=False).input_ids[0]
+
+
+def _preferred(memory, prompts: list[str], preferred: list[str], other: list[str], module):
+    """Per prompt (one forward each): is the first token of `preferred` above the first token of `other`? Also
+    returns the scored continuations (`preferred`, teacher-forced)."""
+    tokenizer = memory.base.tokenizer
+    scored = memory.score([Example(p, f" {a}") for p, a in zip(prompts, preferred)], module,
+                          rivals=[[_first_token(tokenizer, b)] for b in other])
+    return [bool(s.logp[0] > s.rivals[0]) for s in scored], scored
+
+
+_BASE: dict[tuple, tuple] = {}  # the base model's neighbour scores, by weights and edits: the same for every module
 
 
 def score(memory, edits: list[Edit], module) -> dict:
     """Efficacy, paraphrase, locality and unchanged of `module` (an id, or a list to merge) on these edits, and the
     base model's own locality (how often a neighbour preferred its true object before any edit)."""
     new, true = [e.target_new for e in edits], [e.target_true for e in edits]
-    neighbours = [e.neighbour for e in edits]
-    before = memory.score([Example(e.neighbour, f" {e.neighbour_answer}") for e in edits])
-    after = memory.score([Example(e.neighbour, f" {e.neighbour_answer}") for e in edits], module)
-    return {"efficacy": _share_preferred(memory, [e.prompt for e in edits], new, true, module),
-            "paraphrase": _share_preferred(memory, [e.paraphrase for e in edits], new, true, module),
-            "locality": _share_preferred(memory, neighbours, [e.neighbour_answer for e in edits], new, module),
-            "base_locality": _share_preferred(memory, neighbours, [e.neighbour_answer for e in edits], new, None),
-            "unchanged": sum(float((a.argmax == b.argmax).float().mean()) for a, b in zip(after, before)) / len(edits)}
+    neighbours, answers = [e.neighbour for e in edits], [e.neighbour_answer for e in edits]
+    efficacy, _ = _preferred(memory, [e.prompt for e in edits], new, true, module)
+    paraphrase, _ = _preferred(memory, [e.paraphrase for e in edits], new, true, module)
+    locality, after = _preferred(memory, neighbours, answers, new, module)
+    key = (memory.base.fingerprint["weights_sha256"], tuple(neighbours), tuple(answers), tuple(new), memory.prompt)
+    if key not in _BASE:
+        _BASE[key] = _preferred(memory, neighbours, answers, new, None)
+    base_locality, before = _BASE[key]
+    mean = lambda flags: sum(flags) / len(flags)  # noqa: E731
+    return {"efficacy": mean(efficacy), "paraphrase": mean(paraphrase), "locality": mean(locality),
+            "base_locality": mean(base_locality),
+            "unchanged": mean([float((a.argmax == b.argmax).float().mean()) for a, b in zip(after, before)])}
