@@ -26,7 +26,7 @@ def test_report_has_tables_and_plots_for_every_study(tmp_path):
     (tmp_path / "paperqa.json").write_text(json.dumps({"rows": [{"setting": "icl", "rouge_l": 0.125}]}))
     page = write_report(tmp_path).read_text()
     assert "| 1 | 100 | 1.000 | 0.500 |" in page  # rank 1: held 1K, lost 2K
-    assert "| 1 | 100 | 1K | 1,000 | 10.000 |" in page  # T_max and tokens per parameter
+    assert "| 1 | 100 | 1K | 1,000 | 10.000 | 0.100 | 50 (1K) |" in page  # T_max, tokens per parameter, most stored
     assert "| 4 | 400 | >= 2K |" in page  # censored: the largest size still held
     assert "0.700 (0.40 / 0.90 / 0.20)" in page  # CounterFact efficacy (paraphrase / locality / unchanged)
     assert "## Placement" in page and "## Training budget" in page and "| icl | 0.125 |" in page

@@ -29,8 +29,11 @@ def test_summary_finds_saturation_and_the_efficiency_peak():
     summary = {s["rank"]: s for s in studies.capacity_summary(grid)}
     assert [summary[r]["t_max_tokens"] for r in (1, 2, 4, 8)] == [1000, 2000, 2000, 2000]
     assert summary[1]["efficiency"] == 10.0 and summary[2]["efficiency"] == 10.0 and summary[8]["efficiency"] == 2.5
-    assert summary[1]["saturation_rank"] == 2  # rank 4 stores no more than rank 2
+    assert summary[1]["saturation_rank"] == 2  # ranks 4 and 8 store no more than rank 2
     assert summary[1]["efficiency_peak_rank"] == 1
+    assert summary[8]["most_stored"] == 0.6 * 200 and summary[8]["most_stored_size"] == "4K"  # past T_max
+    growing = rows(1, 100, {1000: 1.0, 2000: 0.2}) + rows(2, 200, {1000: 1.0, 2000: 1.0, 4000: 0.1})
+    assert studies.capacity_summary(growing)[0]["saturation_rank"] is None  # only the largest rank got that far
 
 
 def test_placement_cells_share_one_parameter_budget(tiny):

@@ -120,19 +120,21 @@ def _capacity_section(folder: Path, rows: list[dict], threshold: float) -> list[
 
 
 def _summary_table(summary: list[dict]) -> list[str]:
-    lines = ["| rank | params | T_max (size) | T_max tokens | tokens / param | bits / param |", "|---|---|---|---|---|---|"]
+    lines = ["| rank | params | T_max (size) | T_max tokens | tokens / param | bits / param at T_max | most facts stored "
+             "(at size) | bits / param, most stored |", "|---|---|---|---|---|---|---|---|"]
     for s in summary:
         at_least = ">= " if s["censored"] else ""
+        bits = [_fmt(b) if b is not None else "n/a" for b in (s["bits_per_param"], s["most_bits_per_param"])]
         lines.append(f"| {s['rank']} | {s['trainable_params']:,} | {at_least}{s['t_max_size'] or 'none'} | "
-                     f"{at_least}{s['t_max_tokens']:,} | {at_least}{s['efficiency']:.3f} | "
-                     f"{_fmt(s['bits_per_param']) if s['bits_per_param'] is not None else 'n/a'} |")
+                     f"{at_least}{s['t_max_tokens']:,} | {at_least}{s['efficiency']:.3f} | {bits[0]} | "
+                     f"{s['most_stored']:.0f} ({s['most_stored_size']}) | {bits[1]} |")
     first = summary[0]
     saturation = first["saturation_rank"]
     if not any(s["t_max_tokens"] for s in summary):
         return lines + ["", "No rank held even the smallest size measured."]
     lines += ["", f"Efficiency peaks at rank {first['efficiency_peak_rank']}; "
               + (f"T_max stops growing after rank {saturation}." if saturation is not None else
-                 "T_max grew at every rank measured (or the largest size measured cut the curve off).")]
+                 "no saturation seen: T_max grew up to the largest rank, or the largest size measured cut it off.")]
     return lines
 
 

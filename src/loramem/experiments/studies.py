@@ -144,12 +144,15 @@ def capacity_summary(rows: list[dict], threshold: float = DEFAULT_THRESHOLD) -> 
             best, censored = t_max(cells, threshold)
             params = cells[0]["trainable_params"]
             tokens = best["data_tokens"] if best else 0
+            most = max(cells, key=lambda r: r["score"] * r["items"])  # the most facts any size left stored
             summary.append({
                 "dataset": family[0], "model": family[1], "targets": family[2], "layers": family[3],
                 "variant": family[4], "rank": rank, "trainable_params": params, "t_max_size": best["size"] if best else None,
                 "t_max_tokens": tokens, "t_max_items": best["items"] if best else 0, "censored": censored,
                 "efficiency": tokens / params,
                 "bits_per_param": best.get("bits_per_param") if best else 0.0,
+                "most_stored": most["score"] * most["items"], "most_stored_size": most["size"],
+                "most_bits_per_param": most.get("bits_per_param"),
                 "sizes": len(cells),
             })
         peak = max(summary, key=lambda s: s["efficiency"])
@@ -161,11 +164,12 @@ def capacity_summary(rows: list[dict], threshold: float = DEFAULT_THRESHOLD) -> 
     return out
 
 
-def _saturation(summary: list[dict], gain: float = 1.1) -> int | None:
-    """The first rank after which doubling-or-more the rank no longer raises T_max by `gain` (None when T_max
-    kept growing, or every larger rank's curve was cut off by the largest size measured)."""
-    for s, nxt in zip(summary, summary[1:]):
-        if not nxt["censored"] and nxt["t_max_tokens"] < gain * max(1, s["t_max_tokens"]):
-            return s["rank"]
-    return None
+def _saturation(summary: list[dict]) -> int | None:
+    """The smallest rank that reaches the largest T_max measured, when a larger rank measured no more (None when
+    only the largest rank reached it, or the largest size measured cut that T_max off: no saturation seen)."""
+    top = max(s["t_max_tokens"] for s in summary)
+    reached = [s for s in summary if s["t_max_tokens"] == top]
+    if top == 0 or any(s["censored"] for s in reached) or reached[0] is summary[-1]:
+        return None
+    return reached[0]["rank"]
 
