@@ -23,6 +23,7 @@ def test_report_has_tables_and_plots_for_every_study(tmp_path):
     append_row(tmp_path / "placement.jsonl", row("p1", 4, 1000, 0.8, layers="first4"))
     append_row(tmp_path / "budget.jsonl", row("b1", 1, 2000, 0.5))
     append_row(tmp_path / "budget.jsonl", row("b2", 1, 2000, 0.6, train={"max_steps": 800}))
+    append_row(tmp_path / "budget.jsonl", row("b3", 16, 8000, 0.0))  # a second cell given more steps
     (tmp_path / "paperqa.json").write_text(json.dumps({"rows": [{"setting": "icl", "rouge_l": 0.125}]}))
     page = write_report(tmp_path).read_text()
     assert "| 1 | 100 | 1.000 | 0.500 |" in page  # rank 1: held 1K, lost 2K
@@ -30,6 +31,7 @@ def test_report_has_tables_and_plots_for_every_study(tmp_path):
     assert "| 4 | 400 | >= 2K |" in page  # censored: the largest size still held
     assert "0.700 (0.40 / 0.90 / 0.20)" in page  # CounterFact efficacy (paraphrase / locality / unchanged)
     assert "## Placement" in page and "## Training budget" in page and "| icl | 0.125 |" in page
+    assert "| 800 | 2K | 1 | 0.600 |" in page and "| 400 | 8K | 16 | 0.000 |" in page
     for name in ("efficiency.png", "placement.png", "budget.png", "capacity-phonebook-m-ffn-last4-lora.png"):
         assert (tmp_path / name).stat().st_size > 1000
         assert f"]({name})" in page

@@ -186,17 +186,22 @@ def _bars_section(folder: Path, name: str, rows: list[dict]) -> list[str]:
 
 
 def _budget_section(folder: Path, name: str, rows: list[dict]) -> list[str]:
+    """Score against the steps allowed, one line per cell that was given more steps."""
     import matplotlib.pyplot as plt
 
-    ordered = sorted(rows, key=lambda r: r["train"]["max_steps"] or 0)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([r["train"]["max_steps"] for r in ordered], [r["score"] for r in ordered], marker="o")
-    ax.set(xlabel="steps allowed", ylabel="score", title=f"{_family_title(ordered[0])}, rank {ordered[0]['rank']}, "
-           f"{ordered[0]['size']}", ylim=(-0.02, 1.02))
-    ax.title.set_fontsize(8)
+    curves: dict[tuple, list[dict]] = {}
+    for row in sorted(rows, key=lambda r: r["train"]["max_steps"] or 0):
+        curves.setdefault((_family_title(row), row["rank"], row["size"]), []).append(row)
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for (title, rank, size), members in curves.items():
+        ax.plot([r["train"]["max_steps"] for r in members], [r["score"] for r in members], marker="o",
+                label=f"{title}, rank {rank}, {size}")
+    ax.set(xlabel="steps allowed", ylabel="score", title="Training budget", ylim=(-0.02, 1.02))
+    ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(folder / "budget.png", dpi=110)
     plt.close(fig)
     table = [{"steps allowed": r["train"]["max_steps"], **{k: r[k] for k in ("size", "rank", "score", "steps", "epochs",
-                                                                             "train_seconds")}} for r in ordered]
+                                                                             "train_seconds")}}
+             for members in curves.values() for r in members]
     return ["## Training budget", "", "![budget](budget.png)", "", *_markdown_table(table), ""]
