@@ -467,11 +467,14 @@ class Memory:
 
         Examples are put in the memory's prompt style exactly as training puts them (answer.render_example).
         `rivals` (token ids per example) are scored where each answer's first token stands."""
-        ids = tuple(sorted(self.store.get(m).id for m in ([module] if isinstance(module, str) else module))) \
-            if module else ()
+        ids = tuple(sorted(self._module_ids(module))) if module else ()
         styled = [render_example(self.base.tokenizer, e, self.prompt) for e in examples]
         with self._weights_applied(ids, merge, Timing()) as model:
             return teacher_forced(model, self.base.tokenizer, styled, rivals=rivals)
+
+    def _module_ids(self, module: str | list[str]) -> list[str]:
+        """The ids of one module or a list of them, each given by id, id prefix or name."""
+        return [self.store.get(m).id for m in ([module] if isinstance(module, str) else module)]
 
     def _prompt(self, question: str, context: str | None = None) -> str:
         return render_prompt(self.base.tokenizer, question, context, self.prompt)
@@ -483,7 +486,7 @@ class Memory:
             return [[] for _ in questions]
         modules = self._require_modules()
         if module is not None:  # one module by id or name, or a list of them to merge
-            chosen = [Hit(self.store.get(m).id, 1.0) for m in ([module] if isinstance(module, str) else module)]
+            chosen = [Hit(i, 1.0) for i in self._module_ids(module)]
             return [chosen for _ in questions]
         k = 1 if weights == "lora" else (top_k if top_k is not None else min(DEFAULT_TOP_K, len(modules)))
         if len(modules) == 1 and k == 1:
