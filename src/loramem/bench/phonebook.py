@@ -68,8 +68,9 @@ def load(size: str = "1K", data_dir: str | Path | None = None, seed: int = 0) ->
         if label in PAPER_SIZES and path.exists():
             return read_csv(path)
         largest = root / "paper" / "pb_cf" / "phonebook_qa_20K.csv"
-        if largest.exists() and entries <= 968:
-            return read_csv(largest)[:entries]
+        paper = read_csv(largest) if largest.exists() else []
+        if len(paper) >= entries:
+            return paper[:entries]
     return generate(entries, seed)
 
 
