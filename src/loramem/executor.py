@@ -83,9 +83,7 @@ class RayExecutor:
 
     def __init__(self, address: str | None = None, num_cpus: int = 1):
         self.ray = ray = connect_ray(address)
-        uses_gpus = ray.cluster_resources().get("GPU", 0) >= 1
-        resources = {"num_gpus": 1} if uses_gpus else {"num_cpus": num_cpus}
-        self._remote = ray.remote(**resources)(_train_to_files)
+        self._remote = ray_task(ray, _train_to_files, num_cpus)
         self._pending: dict = {}  # ObjectRef -> TrainJob
 
     def submit(self, job: TrainJob) -> None:
@@ -97,19 +95,11 @@ class RayExecutor:
             if not ready:
                 return
             job = self._pending.pop(ready[0])
-            files, stats = self._result(ready[0])
+            files, stats = ray_result(self.ray, ready[0])
             folder = staging()
             for name, data in files.items():
                 (folder / name).write_bytes(data)
             yield job, folder, stats
-
-    def _result(self, ref) -> tuple[dict[str, bytes], TrainStats]:
-        try:
-            return self.ray.get(ref)
-        except self.ray.exceptions.RayTaskError as err:
-            if isinstance(err.cause, LoramemError):  # bad input: the worker's one-line message, not a traceback
-                raise err.cause from None
-            raise
 
     def cancel(self) -> None:
         for ref in self._pending:
@@ -132,6 +122,22 @@ def connect_ray(address: str | None = None):
         except ConnectionError as err:
             raise LoramemError(f"cannot reach a Ray cluster at {address}: {str(err).splitlines()[0]}") from None
     return ray
+
+
+def ray_task(ray, fn, num_cpus: int = 1):
+    """`fn` as a Ray task: one GPU per call on a cluster with GPUs, else `num_cpus` CPUs."""
+    uses_gpus = ray.cluster_resources().get("GPU", 0) >= 1
+    return ray.remote(**({"num_gpus": 1} if uses_gpus else {"num_cpus": num_cpus}))(fn)
+
+
+def ray_result(ray, ref):
+    """A finished task's result; bad input in the worker raises its one-line LoramemError, not a traceback."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, LoramemError):
+            raise err.cause from None
+        raise
 
 
 def _train_to_files(job: TrainJob) -> tuple[dict[str, bytes], TrainStats]:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loramem.bench.phonebook import parse_size
 from loramem.config import LoraSpec, TrainSpec
 from loramem.errors import LoramemError
 
@@ -134,8 +135,8 @@ def run_study(name: str, cells: list[Cell], out: str | Path, executor: str = "in
     todo = list({c.key: c for c in cells if c.key not in mine}.values())
 
     def beyond_floor(cell: Cell) -> bool:  # a smaller size of the same spec already scored under the floor
-        return floor > 0 and any(r["score"] < floor and _same_but_size(r, cell) and tokens(r["size"]) < tokens(cell.size)
-                                 for r in known.values())
+        return floor > 0 and any(r["score"] < floor and _same_but_size(r, cell)
+                                 and parse_size(r["size"]) < parse_size(cell.size) for r in known.values())
 
     if executor == "ray":
         run = _ray_rows([c for c in todo if not beyond_floor(c)], address, data_dir)
@@ -147,12 +148,6 @@ def run_study(name: str, cells: list[Cell], out: str | Path, executor: str = "in
         if on_row:
             on_row(row)
     return [known[c.key] for c in cells if c.key in known]
-
-
-def tokens(size: str) -> float:
-    """'1K' -> 1000.0, for ordering sizes."""
-    text = str(size).strip().upper()
-    return float(text[:-1]) * 1000 if text.endswith("K") else float(text)
 
 
 def _same_but_size(row: dict, cell: Cell) -> bool:
@@ -175,22 +170,16 @@ def _local_rows(cells: list[Cell], data_dir, skip: Callable[[Cell], bool] = lamb
 
 def _ray_rows(cells: list[Cell], address: str | None, data_dir) -> Iterator[dict]:
     """Each cell as a Ray task (one GPU each on a cluster with GPUs, else one CPU); rows in completion order."""
-    from loramem.executor import connect_ray
+    from loramem.executor import connect_ray, ray_result, ray_task
 
     ray = connect_ray(address)
-    uses_gpus = ray.cluster_resources().get("GPU", 0) >= 1
-    remote = ray.remote(**({"num_gpus": 1} if uses_gpus else {"num_cpus": 1}))(_remote_cell)
+    remote = ray_task(ray, _remote_cell)
     data = str(data_dir) if data_dir else os.environ.get("LORAMEM_DATA")  # workers may not share the driver's env
     pending = [remote.remote(cell, data) for cell in cells]
     try:
         while pending:
             [ready], pending = ray.wait(pending, num_returns=1)
-            try:
-                yield ray.get(ready)
-            except ray.exceptions.RayTaskError as err:
-                if isinstance(err.cause, LoramemError):
-                    raise err.cause from None
-                raise
+            yield ray_result(ray, ready)
     finally:
         for ref in pending:
             ray.cancel(ref)
