@@ -11,7 +11,8 @@ and 2*N backward (activation gradients) over the non-embedding weights, plus the
 where it is computed, and is quoted against large fp32 and bf16 matmuls measured in the same run.
 
 Answering: seconds per closed-book question (batch 1, greedy, 16 new tokens) for the base model, a
-module merged into the weights (loramem), and the same module through PEFT unmerged.
+module as `loramem ask` applies it (its factors beside the weights), merged into the weights, from a cache
+of merged weights, and through PEFT unmerged.
 """
 
 from __future__ import annotations
@@ -165,12 +166,14 @@ def train_throughput(args, base, spec: LoraSpec, bf16: bool, result: dict) -> No
 
 
 def answer_latency(base, rank: int, reps: int) -> dict:
-    """Median seconds per closed-book answer: base, a saved module applied the way `loramem ask` applies
-    it (answer.module_applied), and the same module through PEFT unmerged."""
+    """Median seconds per closed-book answer, the variants interleaved round by round: the base model; a saved
+    module applied the way `loramem ask` applies it (answer.module_applied: read, factors run beside the
+    weights); the same module merged into copies of the weights (the previous path); those merged weights
+    reused from a cache; and the module through PEFT, unmerged."""
     import tempfile
 
-    from loramem.answer import module_applied, modules_applied
-    from loramem.merge import MergeCache
+    from loramem.answer import adapter_scale, module_applied, read_adapter
+    from loramem.merge import applied, lora_factors, merged_weights
     from loramem.train import save_adapter
 
     enc = base.tokenizer([closed_book_prompt("What is the phone number of Jeffrey Buck?")], return_tensors="pt")
@@ -180,14 +183,17 @@ def answer_latency(base, rank: int, reps: int) -> dict:
             model.generate(**enc, max_new_tokens=16, min_new_tokens=16, do_sample=False,
                            pad_token_id=base.tokenizer.pad_token_id)
 
-    def merged_answer():
+    def fused_answer():
         with module_applied(base.model, folder) as model:
             answer(model)
 
-    cache = MergeCache(maxsize=1)
+    def merged_answer():
+        config, tensors = read_adapter(folder)
+        with applied(base.model, factors=lora_factors(tensors, adapter_scale(config))) as model:
+            answer(model)
 
-    def cached_answer():  # the module's merged weights kept from the previous question (Memory's merge cache)
-        with modules_applied(base.model, [folder], "linear", cache=cache) as model:
+    def cached_answer():
+        with applied(base.model, weights=cached) as model:
             answer(model)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -196,12 +202,13 @@ def answer_latency(base, rank: int, reps: int) -> dict:
             _randomise(model)
             save_adapter(model, folder)
             unmerged = _median(lambda: answer(model), reps)
-        plain = _median(lambda: answer(base.model), reps)
-        merged = _median(merged_answer, reps)
-        cached = _median(cached_answer, reps)
-    return {"base_s": plain, "merged_module_s": merged, "cached_module_s": cached, "peft_unmerged_s": unmerged,
-            "merged_over_base": merged / plain, "cached_over_base": cached / plain,
-            "unmerged_over_base": unmerged / plain}
+        config, tensors = read_adapter(folder)
+        cached = merged_weights(base.model, factors=lora_factors(tensors, adapter_scale(config)))
+        times = _interleaved({"base_s": lambda: answer(base.model), "module_s": fused_answer,
+                              "merged_module_s": merged_answer, "cached_merged_module_s": cached_answer}, reps)
+    times["peft_unmerged_s"] = unmerged
+    return times | {key.removesuffix("_s") + "_over_base": t / times["base_s"] for key, t in times.items()
+                    if key != "base_s"}
 
 
 def merge_latency(base, rank: int, reps: int) -> dict:
@@ -249,6 +256,19 @@ def _randomise(model, seed: int = 0) -> None:
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.01)
+
+
+def _interleaved(fns: dict, reps: int) -> dict[str, float]:
+    """Median seconds of each function, run once each per round, so that all of them see the same load."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():  # warm-up
+        fn()
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _median(fn, reps: int) -> float:

@@ -57,13 +57,37 @@ def test_one_module_merged_alone_is_the_module(tiny, folders, ids):
         assert torch.allclose(_logits(m, ids), single, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_linear", "dare_ties", "magnitude_prune", "cat"])
+@pytest.mark.parametrize("method", ["ties", "dare_linear", "dare_ties", "magnitude_prune"])
 def test_weights_restored_bit_for_bit(tiny, folders, method):
     before = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
     with modules_applied(tiny.model, folders, method):
         changed = any(not torch.equal(p, before[n]) for n, p in tiny.model.named_parameters())
     assert changed
     assert all(torch.equal(p, before[n]) for n, p in tiny.model.named_parameters())
+
+
+@pytest.mark.parametrize("method", ["linear", "cat"])
+def test_low_rank_merges_run_beside_the_weights(tiny, folders, ids, method):
+    before = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
+    base = _logits(tiny.model, ids)
+    with modules_applied(tiny.model, folders, method) as m:
+        assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())  # no weight copied or changed
+        assert not torch.allclose(_logits(m, ids), base, atol=1e-3)
+    assert torch.equal(_logits(tiny.model, ids), base)
+
+
+def test_one_module_equals_peft(tiny, folders, ids):
+    from peft import PeftModel
+
+    with module_applied(tiny.model, folders[0]) as m:
+        ours = _logits(m, ids)
+    peft_model = PeftModel.from_pretrained(tiny.model, folders[0])
+    try:
+        reference = _logits(peft_model, ids)
+    finally:
+        peft_model.unload()  # takes the LoRA layers out without merging them: the shared model stays as it was
+    assert not torch.allclose(ours, _logits(tiny.model, ids), atol=1e-3)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
 
 
 def test_merges_are_cached(tiny, folders, ids):

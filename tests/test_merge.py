@@ -19,6 +19,7 @@ from loramem.merge import (
     cat_factors,
     dare_linear,
     dare_ties,
+    fused,
     linear,
     lora_deltas,
     magnitude_prune,
@@ -356,6 +357,31 @@ def test_applied_restores_after_an_error_and_checks_before_writing():
         with pytest.raises(LoramemError):
             apply_in_place(model, bad)
         assert torch.equal(model[0].weight, before)
+
+
+def test_fused_factors_equal_the_merged_weights_and_touch_nothing():
+    torch.manual_seed(0)
+    model, x = tiny_model(), torch.randn(5, 4)
+    factors = {"0.weight": (torch.randn(2, 4), torch.randn(3, 2), 0.5), "1.weight": (torch.randn(1, 3), torch.randn(2, 1), 2.0)}
+    before, base_out = {n: w.clone() for n, w in model.state_dict().items()}, model(x)
+    with torch.no_grad(), applied(model, factors=factors):
+        merged_out = model(x)
+    with torch.no_grad(), fused(model, factors):
+        fused_out = model(x)
+        assert all(torch.equal(w, before[n]) for n, w in model.state_dict().items())
+    torch.testing.assert_close(fused_out, merged_out)
+    assert not torch.allclose(fused_out, base_out)
+    with pytest.raises(RuntimeError), fused(model, factors):
+        raise RuntimeError
+    assert torch.equal(model(x), base_out)  # the hooks are gone, also after an error
+
+
+def test_fused_refuses_factors_that_do_not_fit():
+    model = tiny_model()
+    for bad in ({"0.weight": (torch.ones(2, 3), torch.ones(3, 2), 1.0)}, {"9.weight": (torch.ones(1, 4), torch.ones(3, 1), 1.0)}):
+        with pytest.raises(LoramemError), fused(model, bad):
+            pass
+    assert not model[0]._forward_hooks
 
 
 def test_to_low_rank_is_exact_at_the_true_rank():

@@ -207,8 +207,8 @@ def read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 @contextmanager
 def module_applied(model: torch.nn.Module, folder: Path):
-    """Run the block with one module in effect on `model` (merged in place, then reverted exactly)."""
-    from loramem.merge import applied, lora_factors
+    """Run the block with one module in effect on `model` (its factors beside the weights: merge.fused)."""
+    from loramem.merge import fused, lora_factors
 
     config, tensors = read_adapter(folder)
     if config.get("use_dora"):
@@ -220,7 +220,7 @@ def module_applied(model: torch.nn.Module, folder: Path):
         finally:
             peft_model.unload()
         return
-    with applied(model, factors=lora_factors(tensors, adapter_scale(config))):
+    with fused(model, lora_factors(tensors, adapter_scale(config))):
         yield model
 
 
@@ -241,39 +241,38 @@ def default_weights(method: str, n: int) -> list[float]:
 @contextmanager
 def modules_applied(model: torch.nn.Module, folders: list[Path], method: str = "ties",
                     weights: list[float] | None = None, cache=None, **params):
-    """Run the block with several modules merged into `model` (in place, reverted exactly afterwards).
+    """Run the block with several modules merged into `model` (reverted exactly afterwards).
 
-    `linear` and `cat` are computed from concatenated factors (exact, no dense delta is formed), the other
-    methods from dense deltas. With a `cache` (a merge.MergeCache) the merged weights are kept by module set,
-    weights, method and params, so asking the same set again only swaps tensor pointers.
+    `linear` and `cat` are the modules' factors concatenated, run beside the weights (merge.fused: exact, no
+    dense delta is formed and no weight touched). The other methods merge dense deltas into merged weights; with
+    a `cache` (a merge.MergeCache) those are kept by module set, weights, method and params, so asking the same
+    set again only swaps tensor pointers.
     """
-    from loramem.merge import applied, cat_factors, lora_deltas, lora_factors, merge, merge_key, merged_weights
+    from loramem.merge import applied, cat_factors, fused, lora_deltas, lora_factors, merge, merge_key, merged_weights
 
     if method not in MERGE_METHODS:
         raise LoramemError(f"unknown merge method {method!r}; choose one of {', '.join(MERGE_METHODS)}")
-    one_as_is = len(folders) == 1 and method in ("linear", "cat") and weights is None
-    if one_as_is and (cache is None or adapter_config(folders[0]).get("use_dora")):
+    if len(folders) == 1 and method in ("linear", "cat") and weights is None:
         with module_applied(model, folders[0]) as one:  # averaging one module is the module
             yield one
         return
-    weights = list(weights) if weights is not None else default_weights(method, len(folders))
-    by_factors = method in ("linear", "cat")
-    if not by_factors:
-        params = {"density": DEFAULT_DENSITY} | params
     if any(adapter_config(f).get("use_dora") for f in folders):
         raise LoramemError("DoRA modules cannot be merged (their update is not a weight delta); answer with one")
-    ids = [str(f) for f in folders]
-    key = ("factors", tuple(ids), tuple(weights), method) if by_factors else merge_key(ids, weights, method, params)
+    weights = list(weights) if weights is not None else default_weights(method, len(folders))
+
+    def adapters() -> list[tuple[dict, dict[str, torch.Tensor]]]:  # read only when not cached
+        return [read_adapter(folder) for folder in folders]
+
+    if method in ("linear", "cat"):
+        with fused(model, cat_factors([lora_factors(t, adapter_scale(c)) for c, t in adapters()], weights)):
+            yield model
+        return
+    params = {"density": DEFAULT_DENSITY} | params
+    key = merge_key([str(f) for f in folders], weights, method, params)
 
     def compute() -> dict[str, torch.Tensor]:
-        adapters = [read_adapter(folder) for folder in folders]
-        if by_factors:
-            return merged_weights(model, factors=cat_factors([lora_factors(t, adapter_scale(c)) for c, t in adapters],
-                                                             weights))
-        deltas = merge([lora_deltas(t, adapter_scale(c)) for c, t in adapters], method, weights, **params)
+        deltas = merge([lora_deltas(t, adapter_scale(c)) for c, t in adapters()], method, weights, **params)
         return merged_weights(model, deltas=deltas)
 
     with applied(model, weights=cache.get_or_compute(key, compute) if cache is not None else compute()):
         yield model
-
-

@@ -375,6 +375,38 @@ def applied(model: torch.nn.Module, deltas: Deltas | None = None, factors: Facto
         revert(model, handle)
 
 
+class _LowRankTerm:
+    """A forward hook adding s * B @ A x to a linear layer's output (the factors kept in the layer's dtype)."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, scale: float, weight: torch.Tensor) -> None:
+        self.a = a.to(weight.device, weight.dtype)
+        self.b = (b.to(weight.device, torch.float32) * scale).to(weight.dtype)  # scaled once, not per call
+
+    def __call__(self, module, inputs, output):
+        return output.add_(torch.nn.functional.linear(torch.nn.functional.linear(inputs[0], self.a), self.b))
+
+
+@contextlib.contextmanager
+def fused(model: torch.nn.Module, factors: Factors) -> Iterator[torch.nn.Module]:
+    """Run a block (inference only) with LoRA factors in effect as an extra low-rank product beside each adapted
+    weight, W x + s * B (A x), instead of merged into it: no weight is copied or changed, so nothing is paid up
+    front, at two small matmuls per adapted layer and step. Several modules' factors concatenated
+    (`cat_factors`) are their linear merge, exactly."""
+    modules = dict(model.named_modules())
+    params = _parameters(model, {name: (b.shape[0], a.shape[1]) for name, (a, b, _) in factors.items()})
+    handles = []
+    try:
+        for name, (a, b, scale) in factors.items():
+            layer = modules[name.removesuffix(".weight")]
+            if not isinstance(layer, torch.nn.Linear):
+                raise LoramemError(f"{name!r} is not the weight of a linear layer")
+            handles.append(layer.register_forward_hook(_LowRankTerm(a, b, scale, params[name])))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def to_low_rank(deltas: Deltas, rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The best rank-`rank` factors (A, B) with B @ A ~ dW for each layer, by truncated SVD.
 
