@@ -90,6 +90,19 @@ def test_one_module_equals_peft(tiny, folders, ids):
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
 
 
+def test_ties_from_factors_equals_the_dense_merge(tiny, folders, ids):
+    from loramem.answer import adapter_scale, read_adapter
+    from loramem.merge import applied, lora_deltas, merge
+
+    deltas = [lora_deltas(t, adapter_scale(c)) for c, t in map(read_adapter, folders)]
+    with applied(tiny.model, deltas=merge(deltas, "ties", density=0.3)) as m:
+        dense = _logits(m, ids)
+    thresholds = MergeCache(maxsize=8)
+    with modules_applied(tiny.model, folders, "ties", density=0.3, threshold_cache=thresholds) as m:
+        torch.testing.assert_close(_logits(m, ids), dense, atol=1e-5, rtol=1e-5)
+    assert len(thresholds) == 3  # one entry per module
+
+
 def test_merges_are_cached(tiny, folders, ids):
     cache = MergeCache(maxsize=2)
     name = "model.layers.0.mlp.down_proj.weight"

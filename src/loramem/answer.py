@@ -240,15 +240,17 @@ def default_weights(method: str, n: int) -> list[float]:
 
 @contextmanager
 def modules_applied(model: torch.nn.Module, folders: list[Path], method: str = "ties",
-                    weights: list[float] | None = None, cache=None, **params):
+                    weights: list[float] | None = None, cache=None, threshold_cache=None, **params):
     """Run the block with several modules merged into `model` (reverted exactly afterwards).
 
     `linear` and `cat` are the modules' factors concatenated, run beside the weights (merge.fused: exact, no
     dense delta is formed and no weight touched). The other methods merge dense deltas into merged weights; with
     a `cache` (a merge.MergeCache) those are kept by module set, weights, method and params, so asking the same
-    set again only swaps tensor pointers.
+    set again only swaps tensor pointers. TIES on fp32 CPU weights runs from the factors in one pass per weight
+    (ties_fused), with each module's trimming thresholds kept in `threshold_cache` (another MergeCache).
     """
-    from loramem.merge import applied, cat_factors, fused, lora_deltas, lora_factors, merge, merge_key, merged_weights
+    from loramem.merge import (_method_params, applied, cat_factors, fused, lora_deltas, lora_factors, merge, merge_key,
+                               merged_weights)
 
     if method not in MERGE_METHODS:
         raise LoramemError(f"unknown merge method {method!r}; choose one of {', '.join(MERGE_METHODS)}")
@@ -271,8 +273,29 @@ def modules_applied(model: torch.nn.Module, folders: list[Path], method: str = "
     key = merge_key([str(f) for f in folders], weights, method, params)
 
     def compute() -> dict[str, torch.Tensor]:
-        deltas = merge([lora_deltas(t, adapter_scale(c)) for c, t in adapters()], method, weights, **params)
+        read = adapters()
+        if method == "ties":
+            fused_ties = _fused_ties(model, [lora_factors(t, adapter_scale(c)) for c, t in read], weights,
+                                     [str(f) for f in folders], threshold_cache, **_method_params(method, params))
+            if fused_ties is not None:
+                return fused_ties
+        deltas = merge([lora_deltas(t, adapter_scale(c)) for c, t in read], method, weights, **params)
         return merged_weights(model, deltas=deltas)
 
     with applied(model, weights=cache.get_or_compute(key, compute) if cache is not None else compute()):
         yield model
+
+
+def _fused_ties(model, factors, weights, keys, threshold_cache, density: float, sign_method: str = "total"):
+    """TIES merged weights from the factors (ties_fused), or None where that path does not apply (weights that
+    are not fp32 on the CPU)."""
+    from loramem.merge import _parameters
+    from loramem.ties_fused import ties_merged_weights
+
+    names = {name for f in factors for name in f}
+    if any(set(f) != names for f in factors):
+        return None  # modules adapting different weights: merge.ties checks and reports that
+    params = _parameters(model, {name: (b.shape[0], a.shape[1]) for name, (a, b, _) in factors[0].items()})
+    if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params.values()):
+        return None
+    return ties_merged_weights(params, factors, weights, density, sign_method, keys, threshold_cache)

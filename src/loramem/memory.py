@@ -121,6 +121,7 @@ class Memory:
         # Merged weights of the last module sets answered with (a set asked again costs a pointer swap); each
         # holds a copy of the weights its modules touch, so keep few.
         self._merge_cache = MergeCache(maxsize=2)
+        self._threshold_cache = MergeCache(maxsize=256)  # TIES trimming thresholds per module: a few KB each
 
     @classmethod
     def open(cls, path: str | Path, model: str | None = None, create: bool = False, base: Base | None = None,
@@ -523,7 +524,7 @@ class Memory:
         for folder in folders:
             self._check_adapter_base(folder)
         with modules_applied(self.base.model, folders, method if len(folders) > 1 else "linear",
-                             cache=self._merge_cache) as model:
+                             cache=self._merge_cache, threshold_cache=self._threshold_cache) as model:
             timing.merge += time.perf_counter() - started
             yield model
 
