@@ -212,11 +212,14 @@ def answer_latency(base, rank: int, reps: int) -> dict:
 
 
 def merge_latency(base, rank: int, reps: int) -> dict:
-    """Median seconds to merge three rank-r all-linear modules of the model by every method
-    (factors -> full deltas -> merged deltas), and to apply + revert the result."""
+    """Median seconds to merge three rank-r all-linear modules of the model by every method of merge.py
+    (factors -> full deltas -> merged deltas), TIES from the factors straight into merged weights (ties_fused:
+    the path answers take) with the modules' trimming thresholds computed or already cached, and to apply +
+    revert a result."""
     from peft import get_peft_model_state_dict
 
-    from loramem.merge import METHODS, applied, lora_deltas, merge, merged_weights
+    from loramem.merge import METHODS, MergeCache, _parameters, applied, lora_deltas, lora_factors, merge, merged_weights
+    from loramem.ties_fused import ties_merged_weights
 
     spec = LoraSpec(rank=rank)
     scale = spec.lora_alpha / rank
@@ -233,6 +236,15 @@ def merge_latency(base, rank: int, reps: int) -> dict:
             deltas = [lora_deltas(s, scale) for s in states]
             return merge(deltas, method, **params.get(method, {}))
         out[f"{method}_s"] = _median(run, reps)
+    factors = [lora_factors(s, scale) for s in states]
+    weights = _parameters(base.model, {name: (b.shape[0], a.shape[1]) for name, (a, b, _) in factors[0].items()})
+    out["ties_from_factors_into_weights_s"] = _median(lambda: ties_merged_weights(weights, factors, None, 0.2), reps)
+    cache = MergeCache(maxsize=3)
+    out["ties_from_factors_cached_thresholds_s"] = _median(
+        lambda: ties_merged_weights(weights, factors, None, 0.2, keys=[0, 1, 2], cache=cache), reps)
+    out["ties_dense_into_weights_s"] = _median(  # the path answers took before ties_fused
+        lambda: merged_weights(base.model, deltas=merge([lora_deltas(s, scale) for s in states], "ties", density=0.2)),
+        reps)
     merged = merge([lora_deltas(s, scale) for s in states], "ties", density=0.2)
 
     def apply_revert():

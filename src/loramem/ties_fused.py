@@ -3,7 +3,7 @@
 `merge.ties` works on dense deltas: it forms s * B @ A for every module, trims, stacks, elects and averages
 them, some fifteen passes over memory per layer. Here a layer's merged weight W + TIES(dW_1..dW_n) is written
 row by row from the factors: each module's delta row is recomputed from its rank-r factors (r multiply-adds
-per entry, no dense delta stored), trimmed at the module's threshold, and elected and averaged in registers.
+per entry, no dense delta stored), trimmed at the module's threshold, and elected and averaged in row buffers.
 
 The trimming threshold of a module (the k-th largest |dW| of each layer) depends on that module alone, so it
 is computed once per module and density and kept in a cache: a module set that shares modules with an
@@ -38,14 +38,12 @@ def _delta_row(a: np.ndarray, b: np.ndarray, row: int, out: np.ndarray) -> None:
 
 
 @numba.njit(parallel=True, **_JIT)
-def _abs_delta(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    out = np.empty((b.shape[0], a.shape[1]), np.float32)
+def _abs_delta(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
     for row in numba.prange(b.shape[0]):
         out_row = out[row]
         _delta_row(a, b, row, out_row)
         for c in range(out_row.shape[0]):
             out_row[c] = abs(out_row[c])
-    return out
 
 
 @numba.njit(parallel=True, **_JIT)
@@ -97,13 +95,18 @@ def thresholds(factors: Factors, density: float) -> Thresholds:
     """Each layer's trimming threshold for one module: the k-th largest |s B @ A|, k = floor(density * size)
     as in `merge._trim` (0 at density 1: everything is kept); None where more than k entries share it."""
     out: Thresholds = {}
+    largest = max(b.shape[0] * a.shape[1] for a, b, _ in factors.values())
+    buffer = np.empty(largest, np.float32)  # reused: a fresh array per layer cost as much in page faults
     for name in factors:
         if density >= 1:
             out[name] = 0.0
             continue
-        magnitude = _abs_delta(*_numpy_factors(factors, name)).ravel()
+        a, b = _numpy_factors(factors, name)
+        magnitude = buffer[: b.shape[0] * a.shape[1]]
+        _abs_delta(a, b, magnitude.reshape(b.shape[0], a.shape[1]))
         k = max(1, int(density * magnitude.size + 1e-9))
-        threshold = np.partition(magnitude, magnitude.size - k)[magnitude.size - k]
+        magnitude.partition(magnitude.size - k)
+        threshold = magnitude[magnitude.size - k]
         out[name] = float(threshold) if np.count_nonzero(magnitude >= threshold) == k else None
     return out
 
