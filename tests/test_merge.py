@@ -376,12 +376,22 @@ def test_fused_factors_equal_the_merged_weights_and_touch_nothing():
     assert torch.equal(model(x), base_out)  # the hooks are gone, also after an error
 
 
+def test_fused_keeps_a_forward_that_a_layer_already_had():
+    model, x = tiny_model(), torch.randn(2, 4)
+    own = model[0].forward  # e.g. accelerate's offloading wrapper, set on the instance
+    model[0].forward = own
+    before = model(x)
+    with torch.no_grad(), fused(model, {"0.weight": (torch.ones(1, 4), torch.ones(3, 1), 1.0)}):
+        assert not torch.allclose(model(x), before)
+    assert model[0].__dict__["forward"] is own
+
+
 def test_fused_refuses_factors_that_do_not_fit():
     model = tiny_model()
     for bad in ({"0.weight": (torch.ones(2, 3), torch.ones(3, 2), 1.0)}, {"9.weight": (torch.ones(1, 4), torch.ones(3, 1), 1.0)}):
         with pytest.raises(LoramemError), fused(model, bad):
             pass
-    assert not model[0]._forward_hooks
+    assert "forward" not in model[0].__dict__
 
 
 def test_to_low_rank_is_exact_at_the_true_rank():

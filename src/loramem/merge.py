@@ -375,15 +375,19 @@ def applied(model: torch.nn.Module, deltas: Deltas | None = None, factors: Facto
         revert(model, handle)
 
 
-class _LowRankTerm:
-    """A forward hook adding s * B @ A x to a linear layer's output (the factors kept in the layer's dtype)."""
+class _WithLowRank:
+    """A linear layer's forward plus s * B @ A x (the factors kept in the layer's dtype, B pre-scaled).
 
-    def __init__(self, a: torch.Tensor, b: torch.Tensor, scale: float, weight: torch.Tensor) -> None:
+    Set as the layer's own `forward` rather than registered as a forward hook: a hook cost ~20 us per layer
+    and call here (5.6% of a one-token forward over 210 layers), this ~1 us (0.3%)."""
+
+    def __init__(self, forward, a: torch.Tensor, b: torch.Tensor, scale: float, weight: torch.Tensor) -> None:
+        self.forward = forward
         self.a = a.to(weight.device, weight.dtype)
-        self.b = (b.to(weight.device, torch.float32) * scale).to(weight.dtype)  # scaled once, not per call
+        self.b = (b.to(weight.device, torch.float32) * scale).to(weight.dtype)
 
-    def __call__(self, module, inputs, output):
-        return output.add_(torch.nn.functional.linear(torch.nn.functional.linear(inputs[0], self.a), self.b))
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x).add_(torch.nn.functional.linear(torch.nn.functional.linear(x, self.a), self.b))
 
 
 @contextlib.contextmanager
@@ -394,17 +398,21 @@ def fused(model: torch.nn.Module, factors: Factors) -> Iterator[torch.nn.Module]
     (`cat_factors`) are their linear merge, exactly."""
     modules = dict(model.named_modules())
     params = _parameters(model, {name: (b.shape[0], a.shape[1]) for name, (a, b, _) in factors.items()})
-    handles = []
+    layers = [modules[name.removesuffix(".weight")] for name in factors]
+    if not all(isinstance(layer, torch.nn.Linear) for layer in layers):
+        raise LoramemError("LoRA factors apply to linear layers only")
+    replaced = []  # (layer, its own forward attribute if it had one, e.g. from accelerate)
     try:
-        for name, (a, b, scale) in factors.items():
-            layer = modules[name.removesuffix(".weight")]
-            if not isinstance(layer, torch.nn.Linear):
-                raise LoramemError(f"{name!r} is not the weight of a linear layer")
-            handles.append(layer.register_forward_hook(_LowRankTerm(a, b, scale, params[name])))
+        for layer, (name, (a, b, scale)) in zip(layers, factors.items()):
+            replaced.append((layer, layer.__dict__.get("forward")))
+            layer.forward = _WithLowRank(layer.forward, a, b, scale, params[name])
         yield model
     finally:
-        for handle in handles:
-            handle.remove()
+        for layer, own in reversed(replaced):
+            if own is None:
+                del layer.forward
+            else:
+                layer.forward = own
 
 
 def to_low_rank(deltas: Deltas, rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
