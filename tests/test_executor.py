@@ -8,24 +8,17 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from loramem import LoraSpec, Memory, TrainSpec, facts_from_text
+from loramem import LoraSpec, Memory, TrainSpec
 from loramem.corpus import Document
 from loramem.errors import LoramemError
 from loramem.executor import InProcess, make_executor
 from loramem.synth import SynthSpec
 from loramem.train import Example
+from sample_facts import SIX_FACTS as FACTS
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
-FACTS = facts_from_text(
-    "Question: What is the phone number of Ann Lee? Answer: 603-556-7631\n"
-    "Question: What is the phone number of Bo Kim? Answer: 705-882-9365\n"
-    "Question: What is the phone number of Cy Ortega? Answer: 212-340-1187\n"
-    "Question: What is the phone number of Di Novak? Answer: 319-450-2298\n"
-    "Question: What is the phone number of Ed Brandt? Answer: 415-560-3309\n"
-    "Question: What is the phone number of Flo Quist? Answer: 509-670-4410\n"
-)
 LORA = LoraSpec(rank=4)
 FAST = TrainSpec(lr=1e-2, epochs=10, batch_size=2)
 SHARD_TOKENS = 60  # two facts a shard: three modules

@@ -9,20 +9,13 @@ import sys
 import pytest
 import torch
 
-from loramem import LoraSpec, Memory, TrainSpec, facts_from_text
+from loramem import LoraSpec, Memory, TrainSpec
 from loramem.answer import closed_book_prompt, generate, module_applied, modules_applied
 from loramem.errors import LoramemError
 from loramem.export import export_vllm, parse_merge_set, vllm_rank
 from loramem.models import resolve
+from sample_facts import SIX_FACTS as FACTS
 
-FACTS = facts_from_text(
-    "Question: What is the phone number of Ann Lee? Answer: 603-556-7631\n"
-    "Question: What is the phone number of Bo Kim? Answer: 705-882-9365\n"
-    "Question: What is the phone number of Cy Ortega? Answer: 212-340-1187\n"
-    "Question: What is the phone number of Di Novak? Answer: 319-450-2298\n"
-    "Question: What is the phone number of Ed Brandt? Answer: 415-560-3309\n"
-    "Question: What is the phone number of Flo Quist? Answer: 509-670-4410\n"
-)
 QUESTIONS = [e.prompt for e in FACTS]
 FULL_RANK = 64  # the tiny model's hidden size: no layer's delta has a higher rank
 

@@ -1,0 +1,12 @@
+"""Six PhoneBook-style facts shared by tests that write small memories (tiny model, seconds to train)."""
+
+from loramem import facts_from_text
+
+SIX_FACTS = facts_from_text(
+    "Question: What is the phone number of Ann Lee? Answer: 603-556-7631\n"
+    "Question: What is the phone number of Bo Kim? Answer: 705-882-9365\n"
+    "Question: What is the phone number of Cy Ortega? Answer: 212-340-1187\n"
+    "Question: What is the phone number of Di Novak? Answer: 319-450-2298\n"
+    "Question: What is the phone number of Ed Brandt? Answer: 415-560-3309\n"
+    "Question: What is the phone number of Flo Quist? Answer: 509-670-4410\n"
+)
