@@ -14,6 +14,9 @@ than k entries with the k-th magnitude) goes through `merge.ties` instead, which
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numba
 import numpy as np
 import torch
@@ -37,9 +40,10 @@ def _delta_row(a: np.ndarray, b: np.ndarray, row: int, out: np.ndarray) -> None:
             out[c] += coef * a_row[c]
 
 
-@numba.njit(parallel=True, **_JIT)
+@numba.njit(nogil=True, **_JIT)
 def _abs_delta(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
-    for row in numba.prange(b.shape[0]):
+    """out = |(s B) @ A|, without the GIL: layers run on a thread pool (see `thresholds`)."""
+    for row in range(b.shape[0]):
         out_row = out[row]
         _delta_row(a, b, row, out_row)
         for c in range(out_row.shape[0]):
@@ -93,22 +97,26 @@ def _numpy_factors(factors: Factors, name: str, rank: int | None = None) -> tupl
 
 def thresholds(factors: Factors, density: float) -> Thresholds:
     """Each layer's trimming threshold for one module: the k-th largest |s B @ A|, k = floor(density * size)
-    as in `merge._trim` (0 at density 1: everything is kept); None where more than k entries share it."""
-    out: Thresholds = {}
+    as in `merge._trim` (0 at density 1: everything is kept); None where more than k entries share it. Layers
+    run on a thread pool (the delta kernel and numpy's partition both release the GIL)."""
+    if density >= 1:
+        return dict.fromkeys(factors, 0.0)
     largest = max(b.shape[0] * a.shape[1] for a, b, _ in factors.values())
-    buffer = np.empty(largest, np.float32)  # reused: a fresh array per layer cost as much in page faults
-    for name in factors:
-        if density >= 1:
-            out[name] = 0.0
-            continue
+    local = threading.local()  # one buffer per thread, reused: a fresh array per layer cost as much in page faults
+
+    def threshold(name: str) -> float | None:
+        if not hasattr(local, "buffer"):
+            local.buffer = np.empty(largest, np.float32)
         a, b = _numpy_factors(factors, name)
-        magnitude = buffer[: b.shape[0] * a.shape[1]]
+        magnitude = local.buffer[: b.shape[0] * a.shape[1]]
         _abs_delta(a, b, magnitude.reshape(b.shape[0], a.shape[1]))
         k = max(1, int(density * magnitude.size + 1e-9))
         magnitude.partition(magnitude.size - k)
-        threshold = magnitude[magnitude.size - k]
-        out[name] = float(threshold) if np.count_nonzero(magnitude >= threshold) == k else None
-    return out
+        cut = magnitude[magnitude.size - k]
+        return float(cut) if np.count_nonzero(magnitude >= cut) == k else None
+
+    with ThreadPoolExecutor(numba.config.NUMBA_NUM_THREADS) as pool:
+        return dict(zip(factors, pool.map(threshold, factors)))
 
 
 def ties_merged_weights(params: dict[str, torch.nn.Parameter], factors: list[Factors], weights: list[float] | None,
