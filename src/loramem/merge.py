@@ -407,8 +407,9 @@ def fused(model: torch.nn.Module, factors: Factors) -> Iterator[torch.nn.Module]
     replaced = []  # (layer, its own forward attribute if it had one, e.g. from accelerate)
     try:
         for layer, (name, (a, b, scale)) in zip(layers, factors.items()):
-            replaced.append((layer, layer.__dict__.get("forward")))
+            own = layer.__dict__.get("forward")
             layer.forward = _WithLowRank(layer.forward, a, b, scale, params[name])
+            replaced.append((layer, own))
         yield model
     finally:
         for layer, own in reversed(replaced):

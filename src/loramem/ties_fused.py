@@ -127,8 +127,10 @@ def ties_merged_weights(params: dict[str, torch.nn.Parameter], factors: list[Fac
     ws = _check([{name: (b.shape[0], a.shape[1]) for name, (a, b, _) in f.items()} for f in factors], weights)
     _check_density(density)
     _check_sign_method(sign_method)
-    cuts = [cache.get_or_compute((key, density), lambda f=f: thresholds(f, density))
-            if cache is not None else thresholds(f, density) for f, key in zip(factors, keys or [None] * len(factors))]
+    if cache is not None and keys is None:
+        raise ValueError("a threshold cache needs keys that name the modules")
+    cuts = [cache.get_or_compute((key, density), lambda f=f: thresholds(f, density)) if cache is not None
+            else thresholds(f, density) for f, key in zip(factors, keys or [None] * len(factors))]
     out = {}
     for name, p in params.items():
         if any(cut[name] is None for cut in cuts):  # a tie at the threshold: the dense path keeps exactly k
