@@ -22,7 +22,7 @@ import argparse
 import json
 import statistics
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from loramem import answer
@@ -51,10 +51,7 @@ def run(path: Path, setting: str, pairs: list[tuple[str, str]]) -> dict:
     memory.base  # noqa: B018 - load the model outside the timed part: both settings use the same one
     mode = "rag" if setting == "rag" else "multi"
     started = time.perf_counter()
-    if setting == "multi-dense":
-        with dense_ties():
-            answers = memory.ask_many([q for q, _ in pairs], mode=mode, top_k=3, merge="ties")
-    else:
+    with dense_ties() if setting == "multi-dense" else nullcontext():
         answers = memory.ask_many([q for q, _ in pairs], mode=mode, top_k=3, merge="ties")
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "exact_match": sum(gold.strip() in a.text for a, (_, gold) in zip(answers, pairs)) / len(pairs),

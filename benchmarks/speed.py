@@ -218,7 +218,8 @@ def merge_latency(base, rank: int, reps: int) -> dict:
     revert a result."""
     from peft import get_peft_model_state_dict
 
-    from loramem.merge import METHODS, MergeCache, _parameters, applied, lora_deltas, lora_factors, merge, merged_weights
+    from loramem.merge import (METHODS, MergeCache, _parameters, applied, factor_shapes, lora_deltas, lora_factors, merge,
+                               merged_weights)
     from loramem.ties_fused import ties_merged_weights
 
     spec = LoraSpec(rank=rank)
@@ -237,7 +238,7 @@ def merge_latency(base, rank: int, reps: int) -> dict:
             return merge(deltas, method, **params.get(method, {}))
         out[f"{method}_s"] = _median(run, reps)
     factors = [lora_factors(s, scale) for s in states]
-    weights = _parameters(base.model, {name: (b.shape[0], a.shape[1]) for name, (a, b, _) in factors[0].items()})
+    weights = _parameters(base.model, factor_shapes(factors[0]))
     out["ties_from_factors_into_weights_s"] = _median(lambda: ties_merged_weights(weights, factors, None, 0.2), reps)
     cache = MergeCache(maxsize=3)
     out["ties_from_factors_cached_thresholds_s"] = _median(
@@ -284,13 +285,7 @@ def _interleaved(fns: dict, reps: int) -> dict[str, float]:
 
 
 def _median(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return _interleaved({"fn": fn}, reps)["fn"]
 
 
 if __name__ == "__main__":

@@ -289,13 +289,13 @@ def modules_applied(model: torch.nn.Module, folders: list[Path], method: str = "
 def _fused_ties(model, factors, weights, keys, threshold_cache, density: float, sign_method: str = "total"):
     """TIES merged weights from the factors (ties_fused), or None where that path does not apply (weights that
     are not fp32 on the CPU)."""
-    from loramem.merge import _parameters
+    from loramem.merge import _parameters, factor_shapes
     from loramem.ties_fused import ties_merged_weights
 
     names = {name for f in factors for name in f}
     if any(set(f) != names for f in factors):
         return None  # modules adapting different weights: merge.ties checks and reports that
-    params = _parameters(model, {name: (b.shape[0], a.shape[1]) for name, (a, b, _) in factors[0].items()})
+    params = _parameters(model, factor_shapes(factors[0]))
     if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params.values()):
         return None
     return ties_merged_weights(params, factors, weights, density, sign_method, keys, threshold_cache)

@@ -62,6 +62,11 @@ def lora_factors(state_dict: dict[str, torch.Tensor], scale: float | dict[str, f
     return factors
 
 
+def factor_shapes(factors: Factors) -> dict[str, tuple[int, int]]:
+    """The shape of the weight each (A, B) pair adapts: B's rows by A's columns."""
+    return {name: (b.shape[0], a.shape[1]) for name, (a, b, _) in factors.items()}
+
+
 def _scale_for(scale: float | dict[str, float], name: str) -> float:
     if not isinstance(scale, dict):
         return float(scale)
@@ -248,7 +253,7 @@ def cat_factors(factors: list[Factors], weights: Sequence[float] | None = None) 
     result has scale 1.0. Unlike `linear` it stays low rank without an SVD, but its rank grows with
     the number of modules.
     """
-    ws = _check([{name: (b.shape[0], a.shape[1]) for name, (a, b, _) in f.items()} for f in factors], weights)
+    ws = _check([factor_shapes(f) for f in factors], weights)
     merged = {}
     for name in factors[0]:
         parts = [f[name] for f in factors]
@@ -322,7 +327,7 @@ def merged_weights(model: torch.nn.Module, deltas: Deltas | None = None,
     model is not changed. One module's `factors` (A, B, scale) give W + s * B @ A as one fused addmm per
     weight, without forming dW. Every name and shape is checked before anything is computed."""
     if factors is not None:
-        shapes = {name: (b.shape[0], a.shape[1]) for name, (a, b, _) in factors.items()}
+        shapes = factor_shapes(factors)
     else:
         shapes = {name: dw.shape for name, dw in deltas.items()}
     params = _parameters(model, shapes)
@@ -400,7 +405,7 @@ def fused(model: torch.nn.Module, factors: Factors) -> Iterator[torch.nn.Module]
     front, at two small matmuls per adapted layer and step. Several modules' factors concatenated
     (`cat_factors`) are their linear merge, exactly."""
     modules = dict(model.named_modules())
-    params = _parameters(model, {name: (b.shape[0], a.shape[1]) for name, (a, b, _) in factors.items()})
+    params = _parameters(model, factor_shapes(factors))
     layers = [modules[name.removesuffix(".weight")] for name in factors]
     if not all(isinstance(layer, torch.nn.Linear) for layer in layers):
         raise LoramemError("LoRA factors apply to linear layers only")

@@ -21,7 +21,7 @@ import numba
 import numpy as np
 import torch
 
-from loramem.merge import Factors, MergeCache, _check, _check_density, _check_sign_method, ties
+from loramem.merge import Factors, MergeCache, _check, _check_density, _check_sign_method, factor_shapes, ties
 
 Thresholds = dict[str, float | None]  # weight name -> k-th largest |dW|, or None when tied at it
 
@@ -124,7 +124,7 @@ def ties_merged_weights(params: dict[str, torch.nn.Parameter], factors: list[Fac
                         cache: MergeCache | None = None) -> dict[str, torch.Tensor]:
     """W + TIES(dW_1..dW_n) for every weight in `params` (fp32 CPU weights the modules adapt). With `keys` naming
     the modules, each module's thresholds are kept in `cache` by key and density."""
-    ws = _check([{name: (b.shape[0], a.shape[1]) for name, (a, b, _) in f.items()} for f in factors], weights)
+    ws = _check([factor_shapes(f) for f in factors], weights)
     _check_density(density)
     _check_sign_method(sign_method)
     if cache is not None and keys is None:
