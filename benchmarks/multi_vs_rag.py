@@ -26,6 +26,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from loramem import answer
+from loramem.errors import LoramemError
 from loramem.memory import Memory
 
 
@@ -67,7 +68,13 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    pairs = questions_of(Memory.open(args.memory), args.questions)
+    try:
+        memory = Memory.open(args.memory)
+    except LoramemError as err:
+        parser.error(str(err))
+    if len(memory.modules()) < 2:
+        parser.error(f"{args.memory} has {len(memory.modules())} modules; multi-module answering needs several")
+    pairs = questions_of(memory, args.questions)
     settings = ("rag", "multi", "multi-dense")
     runs: dict[str, list[dict]] = {s: [] for s in settings}
     for _ in range(args.reps):

@@ -384,8 +384,8 @@ class _WithLowRank:
     """A linear layer's forward plus s * B @ A x, added in place by one addmm (A and s * B kept transposed, in the
     layer's dtype).
 
-    Set as the layer's own `forward` rather than registered as a forward hook: a hook cost ~20 us per layer and
-    call here, more than the low-rank product itself (~12 us as one mm and one addmm at batch 1)."""
+    Set as the layer's own `forward` rather than registered as a forward hook, which cost ~10-30 us more per layer
+    and call here (benchmarks/lowrank_overhead.py)."""
 
     def __init__(self, forward, a: torch.Tensor, b: torch.Tensor, scale: float, weight: torch.Tensor) -> None:
         self.forward = forward
