@@ -1,10 +1,9 @@
 import pytest
 import torch
 
-from loramem.answer import module_applied, modules_applied
+from loramem.answer import Caches, module_applied, modules_applied
 from loramem.config import LoraSpec
 from loramem.errors import LoramemError
-from loramem.merge import MergeCache
 from loramem.train import attached, save_adapter
 
 
@@ -97,24 +96,48 @@ def test_ties_from_factors_equals_the_dense_merge(tiny, folders, ids):
     deltas = [lora_deltas(t, adapter_scale(c)) for c, t in map(read_adapter, folders)]
     with applied(tiny.model, deltas=merge(deltas, "ties", density=0.3)) as m:
         dense = _logits(m, ids)
-    thresholds = MergeCache(maxsize=8)
-    with modules_applied(tiny.model, folders, "ties", density=0.3, threshold_cache=thresholds) as m:
+    caches = Caches()
+    with modules_applied(tiny.model, folders, "ties", density=0.3, caches=caches) as m:
         torch.testing.assert_close(_logits(m, ids), dense, atol=1e-5, rtol=1e-5)
-    assert len(thresholds) == 3  # one entry per module
+    assert len(caches.thresholds) == 3  # one entry per module
 
 
 def test_merges_are_cached(tiny, folders, ids):
-    cache = MergeCache(maxsize=2)
+    caches = Caches()
     name = "model.layers.0.mlp.down_proj.weight"
-    with modules_applied(tiny.model, folders, "ties", cache=cache) as m:
+    with modules_applied(tiny.model, folders, "ties", caches=caches) as m:
         first, pointer = _logits(m, ids), m.get_parameter(name).data_ptr()
-    assert len(cache) == 1 and tiny.model.get_parameter(name).data_ptr() != pointer
-    with modules_applied(tiny.model, folders, "ties", cache=cache) as m:
+    assert len(caches.merged) == 1 and tiny.model.get_parameter(name).data_ptr() != pointer
+    with modules_applied(tiny.model, folders, "ties", caches=caches) as m:
         assert torch.equal(_logits(m, ids), first)
         assert m.get_parameter(name).data_ptr() == pointer  # the cached merged weight, swapped in as it is
-    with modules_applied(tiny.model, folders, "ties", cache=cache, density=0.2):
+    with modules_applied(tiny.model, folders, "ties", caches=caches, density=0.2):
         pass
-    assert len(cache) == 2
+    assert len(caches.merged) == 2
+
+
+@pytest.mark.parametrize("chosen", [[0], [0, 1]])
+def test_prepared_factors_are_kept_and_answer_alike(tiny, folders, ids, chosen, monkeypatch):
+    from loramem import answer
+
+    picked = [folders[i] for i in chosen]
+    caches, base = Caches(), _logits(tiny.model, ids)
+    with modules_applied(tiny.model, picked, "linear") as m:
+        uncached = _logits(m, ids)
+    with modules_applied(tiny.model, picked, "linear", caches=caches) as m:
+        assert torch.equal(_logits(m, ids), uncached)
+    assert len(caches.low_rank) == 1
+
+    def unread(folder):
+        raise AssertionError(f"{folder} read again")
+
+    monkeypatch.setattr(answer, "read_adapter", unread)
+    with modules_applied(tiny.model, picked, "linear", caches=caches) as m:
+        assert torch.equal(_logits(m, ids), uncached)
+    assert torch.equal(_logits(tiny.model, ids), base) and len(caches.low_rank) == 1
+    with pytest.raises(AssertionError, match="read again"):  # another module set is not in the cache
+        with modules_applied(tiny.model, folders[1:2] if chosen == [0] else folders[:1], "linear", caches=caches):
+            pass
 
 
 def test_bad_merges(tiny, folders, tmp_path):

@@ -1,8 +1,8 @@
 """Answering: prompts, batched greedy generation, and the modules a question is answered with.
 
-A single module is answered with by adding its weight deltas into the base weights (exact, reverted bit
-for bit afterwards), so a closed-book answer costs what the base model costs; DoRA modules, whose
-update is not a plain delta, go through PEFT unmerged.
+A single module is answered with by running its factors beside the base weights (merge.fused: no weight is
+copied or changed), so a closed-book answer costs little more than the base model; `Caches` keeps a module's
+prepared factors between questions. DoRA modules, whose update is not a plain delta, go through PEFT unmerged.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from loramem.errors import LoramemError
+from loramem.merge import MergeCache
 
 log = logging.getLogger("loramem")
 # The weights a question is answered with (base, one module, several merged), optionally with context in the
@@ -205,22 +206,40 @@ def read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, tensors
 
 
-@contextmanager
-def module_applied(model: torch.nn.Module, folder: Path):
-    """Run the block with one module in effect on `model` (its factors beside the weights: merge.fused)."""
-    from loramem.merge import fused, lora_factors
+@dataclass
+class Caches:
+    """What answering keeps between questions for one base model, least recently used evicted first."""
 
-    config, tensors = read_adapter(folder)
+    merged: MergeCache = field(default_factory=lambda: MergeCache(2))  # merged weights (TIES, DARE...): ~ the model each
+    thresholds: MergeCache = field(default_factory=lambda: MergeCache(256))  # TIES trimming thresholds: KBs per module
+    low_rank: MergeCache = field(default_factory=lambda: MergeCache(8))  # factors ready to run: MBs per module
+
+
+@contextmanager
+def module_applied(model: torch.nn.Module, folder: Path, cache: MergeCache | None = None):
+    """Run the block with one module in effect on `model` (its factors beside the weights: merge.fused).
+
+    With a `cache`, the module's factors are read and prepared once (merge.low_rank) and kept by folder: modules
+    are never changed once written."""
+    from loramem.merge import fused, lora_factors, low_rank
+
+    config = adapter_config(folder)
     if config.get("use_dora"):
         from peft import PeftModel
 
+        read_adapter(folder)  # the same checks as every other module
         peft_model = PeftModel.from_pretrained(model, folder)
         try:
             yield peft_model
         finally:
             peft_model.unload()
         return
-    with fused(model, lora_factors(tensors, adapter_scale(config))):
+
+    def prepared():
+        config, tensors = read_adapter(folder)
+        return low_rank(model, lora_factors(tensors, adapter_scale(config)))
+
+    with fused(model, cache.get_or_compute(("low_rank", str(folder)), prepared) if cache is not None else prepared()):
         yield model
 
 
@@ -240,22 +259,22 @@ def default_weights(method: str, n: int) -> list[float]:
 
 @contextmanager
 def modules_applied(model: torch.nn.Module, folders: list[Path], method: str = "ties",
-                    weights: list[float] | None = None, cache=None, threshold_cache=None, **params):
+                    weights: list[float] | None = None, caches: Caches | None = None, **params):
     """Run the block with several modules merged into `model` (reverted exactly afterwards).
 
     `linear` and `cat` are the modules' factors concatenated, run beside the weights (merge.fused: exact, no
-    dense delta is formed and no weight touched). The other methods merge dense deltas into merged weights; with
-    a `cache` (a merge.MergeCache) those are kept by module set, weights, method and params, so asking the same
-    set again only swaps tensor pointers. TIES on fp32 CPU weights runs from the factors in one pass per weight
-    (ties_fused), with each module's trimming thresholds kept in `threshold_cache` (another MergeCache).
+    dense delta is formed and no weight touched). The other methods merge dense deltas into merged weights. TIES
+    on fp32 CPU weights runs from the factors in one pass per weight (ties_fused). With `caches`, what was computed
+    is kept for the next question: prepared factors and merged weights by module set, weights, method and params
+    (asking the same set again then only swaps tensor pointers), and each module's TIES trimming thresholds.
     """
-    from loramem.merge import (_method_params, applied, cat_factors, fused, lora_deltas, lora_factors, merge, merge_key,
-                               merged_weights)
+    from loramem.merge import (_method_params, applied, cat_factors, fused, lora_deltas, lora_factors, low_rank, merge,
+                               merge_key, merged_weights)
 
     if method not in MERGE_METHODS:
         raise LoramemError(f"unknown merge method {method!r}; choose one of {', '.join(MERGE_METHODS)}")
     if len(folders) == 1 and method in ("linear", "cat") and weights is None:
-        with module_applied(model, folders[0]) as one:  # averaging one module is the module
+        with module_applied(model, folders[0], caches.low_rank if caches else None) as one:  # averaging one is the one
             yield one
         return
     if any(adapter_config(f).get("use_dora") for f in folders):
@@ -266,7 +285,11 @@ def modules_applied(model: torch.nn.Module, folders: list[Path], method: str = "
         return [read_adapter(folder) for folder in folders]
 
     if method in ("linear", "cat"):
-        with fused(model, cat_factors([lora_factors(t, adapter_scale(c)) for c, t in adapters()], weights)):
+        def prepared():
+            return low_rank(model, cat_factors([lora_factors(t, adapter_scale(c)) for c, t in adapters()], weights))
+
+        key = merge_key([str(f) for f in folders], weights, "linear", params)  # cat's factors are linear's
+        with fused(model, caches.low_rank.get_or_compute(key, prepared) if caches else prepared()):
             yield model
         return
     params = {"density": DEFAULT_DENSITY} | params
@@ -276,13 +299,14 @@ def modules_applied(model: torch.nn.Module, folders: list[Path], method: str = "
         read = adapters()
         if method == "ties":
             fused_ties = _fused_ties(model, [lora_factors(t, adapter_scale(c)) for c, t in read], weights,
-                                     [str(f) for f in folders], threshold_cache, **_method_params(method, params))
+                                     [str(f) for f in folders], caches.thresholds if caches else None,
+                                     **_method_params(method, params))
             if fused_ties is not None:
                 return fused_ties
         deltas = merge([lora_deltas(t, adapter_scale(c)) for c, t in read], method, weights, **params)
         return merged_weights(model, deltas=deltas)
 
-    with applied(model, weights=cache.get_or_compute(key, compute) if cache is not None else compute()):
+    with applied(model, weights=caches.merged.get_or_compute(key, compute) if caches else compute()):
         yield model
 
 

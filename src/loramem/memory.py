@@ -23,6 +23,7 @@ from pathlib import Path
 from loramem.answer import (
     PROMPT_STYLES,
     Answer,
+    Caches,
     Timing,
     adapter_config,
     fit_context,
@@ -36,7 +37,6 @@ from loramem.config import LoraSpec, TrainSpec
 from loramem.corpus import Document, chunk_text
 from loramem.errors import LoramemError
 from loramem.executor import InProcess, TrainJob
-from loramem.merge import MergeCache
 from loramem.models import (
     DEFAULT_MODEL,
     KNOWN,
@@ -120,8 +120,7 @@ class Memory:
         self._indexes: dict[str, Router] = {}
         # Merged weights of the last module sets answered with (a set asked again costs a pointer swap); each
         # holds a copy of the weights its modules touch, so keep few.
-        self._merge_cache = MergeCache(maxsize=2)
-        self._threshold_cache = MergeCache(maxsize=256)  # TIES trimming thresholds per module: a few KB each
+        self._caches = Caches()  # prepared factors, merged weights and TIES thresholds, kept between questions
 
     @classmethod
     def open(cls, path: str | Path, model: str | None = None, create: bool = False, base: Base | None = None,
@@ -524,7 +523,7 @@ class Memory:
         for folder in folders:
             self._check_adapter_base(folder)
         with modules_applied(self.base.model, folders, method if len(folders) > 1 else "linear",
-                             cache=self._merge_cache, threshold_cache=self._threshold_cache) as model:
+                             caches=self._caches) as model:
             timing.merge += time.perf_counter() - started
             yield model
 

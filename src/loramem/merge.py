@@ -387,10 +387,8 @@ class _WithLowRank:
     Set as the layer's own `forward` rather than registered as a forward hook, which cost ~10-30 us more per layer
     and call here (benchmarks/lowrank_overhead.py)."""
 
-    def __init__(self, forward, a: torch.Tensor, b: torch.Tensor, scale: float, weight: torch.Tensor) -> None:
-        self.forward = forward
-        self.a_t = a.to(weight.device, weight.dtype).t().contiguous()
-        self.b_t = (b.to(weight.device, torch.float32) * scale).to(weight.dtype).t().contiguous()
+    def __init__(self, forward, a_t: torch.Tensor, b_t: torch.Tensor) -> None:
+        self.forward, self.a_t, self.b_t = forward, a_t, b_t
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = self.forward(x)
@@ -398,22 +396,42 @@ class _WithLowRank:
         return out
 
 
+@dataclass
+class LowRank:
+    """LoRA factors made ready to run beside one model's weights (`low_rank`): per adapted linear layer, A and
+    s * B transposed, in the layer's dtype and on its device. Keep one to answer with the same module again
+    without reading and preparing its factors anew; it holds the layers of the model it was made for."""
+
+    terms: list[tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]]  # (layer, A^T, s * B^T)
+
+
+def low_rank(model: torch.nn.Module, factors: Factors) -> LowRank:
+    """Check that `factors` fit the model's linear layers and prepare them for `fused`."""
+    modules = dict(model.named_modules())
+    params = _parameters(model, factor_shapes(factors))
+    terms = []
+    for name, (a, b, scale) in factors.items():
+        layer, weight = modules[name.removesuffix(".weight")], params[name]
+        if not isinstance(layer, torch.nn.Linear):
+            raise LoramemError("LoRA factors apply to linear layers only")
+        a_t = a.to(weight.device, weight.dtype).t().contiguous()
+        b_t = (b.to(weight.device, torch.float32) * scale).to(weight.dtype).t().contiguous()
+        terms.append((layer, a_t, b_t))
+    return LowRank(terms)
+
+
 @contextlib.contextmanager
-def fused(model: torch.nn.Module, factors: Factors) -> Iterator[torch.nn.Module]:
+def fused(model: torch.nn.Module, factors: Factors | LowRank) -> Iterator[torch.nn.Module]:
     """Run a block (inference only) with LoRA factors in effect as an extra low-rank product beside each adapted
     weight, W x + s * B (A x), instead of merged into it: no weight is copied or changed, so nothing is paid up
     front, at two small matmuls per adapted layer and step. Several modules' factors concatenated
-    (`cat_factors`) are their linear merge, exactly."""
-    modules = dict(model.named_modules())
-    params = _parameters(model, factor_shapes(factors))
-    layers = [modules[name.removesuffix(".weight")] for name in factors]
-    if not all(isinstance(layer, torch.nn.Linear) for layer in layers):
-        raise LoramemError("LoRA factors apply to linear layers only")
+    (`cat_factors`) are their linear merge, exactly. `factors` may come prepared (`low_rank`)."""
+    prepared = factors if isinstance(factors, LowRank) else low_rank(model, factors)
     replaced = []  # (layer, its own forward attribute if it had one, e.g. from accelerate)
     try:
-        for layer, (name, (a, b, scale)) in zip(layers, factors.items()):
+        for layer, a_t, b_t in prepared.terms:
             own = layer.__dict__.get("forward")
-            layer.forward = _WithLowRank(layer.forward, a, b, scale, params[name])
+            layer.forward = _WithLowRank(layer.forward, a_t, b_t)
             replaced.append((layer, own))
         yield model
     finally:
