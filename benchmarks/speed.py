@@ -167,13 +167,14 @@ def train_throughput(args, base, spec: LoraSpec, bf16: bool, result: dict) -> No
 
 def answer_latency(base, rank: int, reps: int) -> dict:
     """Median seconds per closed-book answer, the variants interleaved round by round: the base model; a saved
-    module applied the way `loramem ask` applies it (answer.module_applied: read, factors run beside the
-    weights); the same module merged into copies of the weights (the previous path); those merged weights
-    reused from a cache; and the module through PEFT, unmerged."""
+    module applied the way `loramem ask` applies it (answer.module_applied: factors run beside the weights), as
+    a first answer with it (read and prepared) and as any later one (prepared factors from the memory's cache);
+    the same module merged into copies of the weights (the previous path); those merged weights reused from a
+    cache; and the module through PEFT, unmerged."""
     import tempfile
 
     from loramem.answer import adapter_scale, module_applied, read_adapter
-    from loramem.merge import applied, lora_factors, merged_weights
+    from loramem.merge import MergeCache, applied, lora_factors, merged_weights
     from loramem.train import save_adapter
 
     enc = base.tokenizer([closed_book_prompt("What is the phone number of Jeffrey Buck?")], return_tensors="pt")
@@ -183,8 +184,8 @@ def answer_latency(base, rank: int, reps: int) -> dict:
             model.generate(**enc, max_new_tokens=16, min_new_tokens=16, do_sample=False,
                            pad_token_id=base.tokenizer.pad_token_id)
 
-    def fused_answer():
-        with module_applied(base.model, folder) as model:
+    def fused_answer(cache=None):
+        with module_applied(base.model, folder, cache) as model:
             answer(model)
 
     def merged_answer():
@@ -204,7 +205,9 @@ def answer_latency(base, rank: int, reps: int) -> dict:
             unmerged = _median(lambda: answer(model), reps)
         config, tensors = read_adapter(folder)
         cached = merged_weights(base.model, factors=lora_factors(tensors, adapter_scale(config)))
+        prepared = MergeCache(1)
         times = _interleaved({"base_s": lambda: answer(base.model), "module_s": fused_answer,
+                              "module_prepared_s": lambda: fused_answer(prepared),
                               "merged_module_s": merged_answer, "cached_merged_module_s": cached_answer}, reps)
     times["peft_unmerged_s"] = unmerged
     return times | {key.removesuffix("_s") + "_over_base": t / times["base_s"] for key, t in times.items()
