@@ -170,7 +170,8 @@ def answer_latency(base, rank: int, reps: int) -> dict:
     module applied the way `loramem ask` applies it (answer.module_applied: factors run beside the weights), as
     a first answer with it (read and prepared) and as any later one (prepared factors from the memory's cache);
     the same module merged into copies of the weights (the previous path); those merged weights reused from a
-    cache; and the module through PEFT, unmerged."""
+    cache; and the module through PEFT, unmerged. The base model runs twice per round: the ratio of the two (an
+    A/A control) shows how far apart identical work lands on this machine."""
     import tempfile
 
     from loramem.answer import adapter_scale, module_applied, read_adapter
@@ -206,7 +207,8 @@ def answer_latency(base, rank: int, reps: int) -> dict:
         config, tensors = read_adapter(folder)
         cached = merged_weights(base.model, factors=lora_factors(tensors, adapter_scale(config)))
         prepared = MergeCache(1)
-        times = _interleaved({"base_s": lambda: answer(base.model), "module_s": fused_answer,
+        times = _interleaved({"base_s": lambda: answer(base.model), "base_again_s": lambda: answer(base.model),
+                              "module_s": fused_answer,
                               "module_prepared_s": lambda: fused_answer(prepared),
                               "merged_module_s": merged_answer, "cached_merged_module_s": cached_answer}, reps)
     times["peft_unmerged_s"] = unmerged
@@ -275,14 +277,16 @@ def _randomise(model, seed: int = 0) -> None:
 
 
 def _interleaved(fns: dict, reps: int) -> dict[str, float]:
-    """Median seconds of each function, run once each per round, so that all of them see the same load."""
+    """Median seconds of each function, run once each per round, so that all of them see the same load; the order
+    rotates round by round, since a fixed order favoured the first (an A/A pair measured 1.024x apart)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():  # warm-up
         fn()
-    for _ in range(reps):
-        for name, fn in fns.items():
+    names = list(fns)
+    for rep in range(reps):
+        for name in names[rep % len(names):] + names[: rep % len(names)]:
             start = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 

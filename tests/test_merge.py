@@ -20,7 +20,6 @@ from loramem.merge import (
     dare_linear,
     dare_ties,
     fused,
-    low_rank,
     linear,
     lora_deltas,
     magnitude_prune,
@@ -375,38 +374,6 @@ def test_fused_factors_equal_the_merged_weights_and_touch_nothing():
     with pytest.raises(RuntimeError), fused(model, factors):
         raise RuntimeError
     assert torch.equal(model(x), base_out)  # the hooks are gone, also after an error
-
-
-class _Siblings(torch.nn.Module):
-    """Three layers that read one input (like q/k/v) and one that reads another (like o_proj): fused computes the
-    siblings' A products once per input."""
-
-    def __init__(self):
-        super().__init__()
-        self.q, self.k, self.v, self.o = (torch.nn.Linear(4, n, bias=False) for n in (4, 2, 2, 3))
-
-    def forward(self, x, change_in_place=False):
-        q, k = self.q(x), self.k(x)
-        if change_in_place:
-            x.mul_(2)  # v must not reuse A x of the old values
-        return torch.cat([q, k, self.v(x), self.o(q)], dim=-1)
-
-
-@pytest.mark.parametrize("change_in_place", [False, True])
-def test_fused_siblings_share_their_input_products_exactly(change_in_place):
-    torch.manual_seed(0)
-    model = _Siblings()
-    factors = {f"{n}.weight": (torch.randn(r, 4), torch.randn(m.out_features, r), 0.5)
-               for (n, m), r in zip(model.named_children(), (2, 1, 3, 2))}
-    prepared = low_rank(model, factors)
-    assert len({id(shared) for _, shared, _, _ in prepared.terms}) == 1  # one parent, one input width
-    x = torch.randn(5, 4)
-    with torch.no_grad(), applied(model, factors=factors):
-        merged_out = model(x.clone(), change_in_place)
-    with torch.no_grad(), fused(model, prepared):
-        fused_out = model(x.clone(), change_in_place)
-    torch.testing.assert_close(fused_out, merged_out)
-    assert all(shared.x is None for _, shared, _, _ in prepared.terms)  # no input held after the call
 
 
 def test_fused_keeps_a_forward_that_a_layer_already_had():

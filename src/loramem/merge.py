@@ -380,73 +380,43 @@ def applied(model: torch.nn.Module, deltas: Deltas | None = None, factors: Facto
         revert(model, handle)
 
 
-class _SharedInput:
-    """The A products of sibling layers that read one input (q/k/v of an attention block; gate/up of an MLP),
-    computed in one mm for all of them when the first one is called and reused by the others.
-
-    Siblings are guessed (same parent module, same input width); a guess that is wrong only costs speed: a layer
-    called with another input, or one changed in place since (its version counter), recomputes them."""
-
-    def __init__(self, a_t: torch.Tensor, ranks: list[int]) -> None:
-        self.a_t, self.ranks = a_t, ranks  # the siblings' A, transposed side by side: in x sum(ranks)
-        self.forget()
-
-    def products(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """A x of each sibling, for input x."""
-        if self.x is not x or self.version != x._version:
-            ax = x.reshape(-1, x.shape[-1]).mm(self.a_t)
-            self.parts = ax.split(self.ranks, dim=1) if len(self.ranks) > 1 else (ax,)
-            self.x, self.version = x, x._version
-        return self.parts
-
-    def forget(self) -> None:
-        self.x, self.version, self.parts = None, -1, ()
-
-
 class _WithLowRank:
-    """A linear layer's forward plus s * B @ A x, added in place by one addmm (s * B kept transposed, in the
-    layer's dtype; A x from the layer's `_SharedInput`).
+    """A linear layer's forward plus s * B @ A x, added in place by one addmm (A and s * B kept transposed, in the
+    layer's dtype).
 
     Set as the layer's own `forward` rather than registered as a forward hook, which cost ~10-30 us more per layer
     and call here (benchmarks/lowrank_overhead.py)."""
 
-    def __init__(self, forward, shared: _SharedInput, index: int, b_t: torch.Tensor) -> None:
-        self.forward, self.shared, self.index, self.b_t = forward, shared, index, b_t
+    def __init__(self, forward, a_t: torch.Tensor, b_t: torch.Tensor) -> None:
+        self.forward, self.a_t, self.b_t = forward, a_t, b_t
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = self.forward(x)
-        out.view(-1, out.shape[-1]).addmm_(self.shared.products(x)[self.index], self.b_t)
+        out.view(-1, out.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]).mm(self.a_t), self.b_t)
         return out
 
 
 @dataclass
 class LowRank:
-    """LoRA factors made ready to run beside one model's weights (`low_rank`): per adapted linear layer, s * B
-    transposed and its A among its siblings', in the layer's dtype and on its device. Keep one to answer with the
-    same module again without reading and preparing its factors anew; it holds the layers of the model it was
-    made for."""
+    """LoRA factors made ready to run beside one model's weights (`low_rank`): per adapted linear layer, A and
+    s * B transposed, in the layer's dtype and on its device. Keep one to answer with the same module again
+    without reading and preparing its factors anew; it holds the layers of the model it was made for."""
 
-    terms: list[tuple[torch.nn.Linear, _SharedInput, int, torch.Tensor]]  # (layer, its A products, index, s * B^T)
+    terms: list[tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]]  # (layer, A^T, s * B^T)
 
 
 def low_rank(model: torch.nn.Module, factors: Factors) -> LowRank:
     """Check that `factors` fit the model's linear layers and prepare them for `fused`."""
     modules = dict(model.named_modules())
     params = _parameters(model, factor_shapes(factors))
-    siblings: dict[tuple[str, int], list[str]] = {}  # (parent module, input width) -> weight names
-    for name in factors:
-        if not isinstance(modules[name.removesuffix(".weight")], torch.nn.Linear):
-            raise LoramemError("LoRA factors apply to linear layers only")
-        siblings.setdefault((name.removesuffix(".weight").rpartition(".")[0], params[name].shape[1]), []).append(name)
     terms = []
-    for names in siblings.values():
-        weight = params[names[0]]
-        a_t = torch.cat([factors[n][0] for n in names]).to(weight.device, weight.dtype).t().contiguous()
-        shared = _SharedInput(a_t, [factors[n][0].shape[0] for n in names])
-        for index, name in enumerate(names):
-            _, b, scale = factors[name]
-            b_t = (b.to(weight.device, torch.float32) * scale).to(params[name].dtype).t().contiguous()
-            terms.append((modules[name.removesuffix(".weight")], shared, index, b_t))
+    for name, (a, b, scale) in factors.items():
+        layer, weight = modules[name.removesuffix(".weight")], params[name]
+        if not isinstance(layer, torch.nn.Linear):
+            raise LoramemError("LoRA factors apply to linear layers only")
+        a_t = a.to(weight.device, weight.dtype).t().contiguous()
+        b_t = (b.to(weight.device, torch.float32) * scale).to(weight.dtype).t().contiguous()
+        terms.append((layer, a_t, b_t))
     return LowRank(terms)
 
 
@@ -459,9 +429,9 @@ def fused(model: torch.nn.Module, factors: Factors | LowRank) -> Iterator[torch.
     prepared = factors if isinstance(factors, LowRank) else low_rank(model, factors)
     replaced = []  # (layer, its own forward attribute if it had one, e.g. from accelerate)
     try:
-        for layer, shared, index, b_t in prepared.terms:
+        for layer, a_t, b_t in prepared.terms:
             own = layer.__dict__.get("forward")
-            layer.forward = _WithLowRank(layer.forward, shared, index, b_t)
+            layer.forward = _WithLowRank(layer.forward, a_t, b_t)
             replaced.append((layer, own))
         yield model
     finally:
@@ -470,8 +440,6 @@ def fused(model: torch.nn.Module, factors: Factors | LowRank) -> Iterator[torch.
                 del layer.forward
             else:
                 layer.forward = own
-        for _, shared, _, _ in prepared.terms:
-            shared.forget()  # drop the last input it holds
 
 
 def to_low_rank(deltas: Deltas, rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
