@@ -171,7 +171,7 @@ def answer_latency(base, rank: int, reps: int) -> dict:
     a first answer with it (read and prepared) and as any later one (prepared factors from the memory's cache);
     the same module merged into copies of the weights (the previous path); those merged weights reused from a
     cache; and the module through PEFT, unmerged. The base model runs twice per round: the ratio of the two (an
-    A/A control) shows how far apart identical work lands on this machine."""
+    A/A control) shows how far apart identical work lands on this machine, and the other ratios are to their mean."""
     import tempfile
 
     from loramem.answer import adapter_scale, module_applied, read_adapter
@@ -212,8 +212,9 @@ def answer_latency(base, rank: int, reps: int) -> dict:
                               "module_prepared_s": lambda: fused_answer(prepared),
                               "merged_module_s": merged_answer, "cached_merged_module_s": cached_answer}, reps)
     times["peft_unmerged_s"] = unmerged
-    return times | {key.removesuffix("_s") + "_over_base": t / times["base_s"] for key, t in times.items()
-                    if key != "base_s"}
+    reference = (times["base_s"] + times["base_again_s"]) / 2  # both base runs: the A/A pair's own spread averaged
+    return times | {"base_again_over_base": times["base_again_s"] / times["base_s"]} | {
+        key.removesuffix("_s") + "_over_base": t / reference for key, t in times.items() if "base" not in key}
 
 
 def merge_latency(base, rank: int, reps: int) -> dict:
