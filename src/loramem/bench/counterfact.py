@@ -26,6 +26,7 @@ from pathlib import Path
 
 from loramem.config import data_dir as resolve_data_dir
 from loramem.errors import LoramemError
+from loramem.merge import MergeCache
 from loramem.train import Example
 
 
@@ -100,7 +101,8 @@ def _preferred(memory, prompts: list[str], preferred: list[str], other: list[str
     return [bool(s.logp[0] > s.rivals[0]) for s in scored], scored
 
 
-_BASE: dict[tuple, tuple] = {}  # the base model's neighbour scores, by weights and edits: the same for every module
+# The base model's neighbour scores, by weights and edits: the same for every module (the last few edit sets kept).
+_BASE = MergeCache(maxsize=8)
 
 
 def score(memory, edits: list[Edit], module) -> dict:
@@ -112,9 +114,7 @@ def score(memory, edits: list[Edit], module) -> dict:
     paraphrase, _ = _preferred(memory, [e.paraphrase for e in edits], new, true, module)
     locality, after = _preferred(memory, neighbours, answers, new, module)
     key = (memory.base.fingerprint["weights_sha256"], tuple(neighbours), tuple(answers), tuple(new), memory.prompt)
-    if key not in _BASE:
-        _BASE[key] = _preferred(memory, neighbours, answers, new, None)
-    base_locality, before = _BASE[key]
+    base_locality, before = _BASE.get_or_compute(key, lambda: _preferred(memory, neighbours, answers, new, None))
     mean = lambda flags: sum(flags) / len(flags)  # noqa: E731
     return {"efficacy": mean(efficacy), "paraphrase": mean(paraphrase), "locality": mean(locality),
             "base_locality": mean(base_locality),
