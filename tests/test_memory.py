@@ -69,6 +69,20 @@ def test_base_weights_unchanged_after_answers(written, tiny):
     assert all(torch.equal(before[k], v) for k, v in tiny.model.state_dict().items())
 
 
+def test_a_modules_factors_are_read_once_for_many_answers(written, monkeypatch):
+    from loramem import answer
+
+    memory, record = written
+    first = memory.ask("What is the phone number of Bo Kim?")
+
+    def unread(folder):
+        raise AssertionError(f"{folder} read again")
+
+    monkeypatch.setattr(answer, "read_adapter", unread)
+    again = memory.ask("What is the phone number of Bo Kim?")
+    assert again.text == first.text and again.modules == [record.id]
+
+
 def test_same_write_again_is_skipped(written):
     memory, record = written
     again = memory.write(facts_from_text(FACTS), lora=LoraSpec(rank=8), train_spec=FAST, progress=False)
