@@ -15,9 +15,9 @@ import json
 from pathlib import Path
 
 from loramem.answer import modules_applied
-from loramem.errors import LoramemError
-from loramem.memory import Memory
 from loramem.train import teacher_forced
+
+from common import open_memory
 
 
 def main() -> None:
@@ -26,13 +26,8 @@ def main() -> None:
     parser.add_argument("--facts", type=int, default=32)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    try:
-        memory = Memory.open(args.memory)
-    except LoramemError as err:
-        parser.error(str(err))
+    memory = open_memory(parser, args.memory, 3, "merging three of them")
     modules = memory.modules()
-    if len(modules) < 3:
-        parser.error(f"{args.memory} has {len(modules)} modules; this needs at least 3")
     facts = memory.examples(modules[0])[: args.facts]
     folders = [memory.store.module_dir(m.id) for m in modules[:3]]
 

@@ -26,8 +26,9 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from loramem import answer
-from loramem.errors import LoramemError
 from loramem.memory import Memory
+
+from common import open_memory
 
 
 @contextmanager
@@ -68,12 +69,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    try:
-        memory = Memory.open(args.memory)
-    except LoramemError as err:
-        parser.error(str(err))
-    if len(memory.modules()) < 2:
-        parser.error(f"{args.memory} has {len(memory.modules())} modules; multi-module answering needs several")
+    memory = open_memory(parser, args.memory, 2, "multi-module answering")
     pairs = questions_of(memory, args.questions)
     settings = ("rag", "multi", "multi-dense")
     runs: dict[str, list[dict]] = {s: [] for s in settings}

@@ -1,0 +1,21 @@
+"""What several benchmark scripts share."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from loramem.errors import LoramemError
+from loramem.memory import Memory
+
+
+def open_memory(parser: argparse.ArgumentParser, path: Path, at_least: int, purpose: str) -> Memory:
+    """An existing memory with at least `at_least` modules; otherwise the script exits with a one-line error."""
+    try:
+        memory = Memory.open(path)
+    except LoramemError as err:
+        parser.error(str(err))
+    count = len(memory.modules())
+    if count < at_least:
+        parser.error(f"{path} has {count} modules; {purpose} needs at least {at_least}")
+    return memory
