@@ -183,16 +183,18 @@ def test_cached_teacher_targets_equal_a_fresh_plain_forward(tiny, loss_on):
         assert e.teacher.hidden.allclose(hidden, atol=1e-4)
 
 
-def test_layer_outputs_with_cached_frozen_layers_match_the_full_forward(tiny):
+@pytest.mark.parametrize("loss_on", ["answer", "all"])
+@pytest.mark.parametrize("cache_rows", [256, 8])  # 8: every example in a row of its own behind the shared prefix
+def test_layer_outputs_with_cached_frozen_layers_match_the_full_forward(tiny, loss_on, cache_rows):
     from loramem.train import cache_frozen_layers, supervised_outputs
 
     last = tiny.model.config.num_hidden_layers - 1
     with attached(tiny.model, LoraSpec(rank=2, layers=str(last))) as model:
-        full = pack(encode(tiny.tokenizer, EXAMPLES), "answer", pad_id=tiny.tokenizer.pad_token_id)
+        full = pack(encode(tiny.tokenizer, EXAMPLES), loss_on, pad_id=tiny.tokenizer.pad_token_id)
         logits, hidden = supervised_outputs(model, full, (last,))
         encoded = encode(tiny.tokenizer, EXAMPLES)
-        cache_frozen_layers(model, encoded, last, bf16=False)
-        cached = pack(encoded, "answer", pad_id=tiny.tokenizer.pad_token_id)
+        cache_frozen_layers(model, encoded, last, bf16=False, row_tokens=cache_rows)
+        cached = pack(encoded, loss_on, pad_id=tiny.tokenizer.pad_token_id)
         cached_logits, cached_hidden = supervised_outputs(model, cached, (last,))
         assert cached_logits.allclose(logits, atol=1e-4) and cached_hidden.allclose(hidden, atol=1e-4)
         with pytest.raises(LoramemError, match="before the module's first adapted layer"):

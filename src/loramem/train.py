@@ -123,6 +123,9 @@ def shared_prefix(encoded: list[Encoded]) -> int:
     return max(n, 0) if len(encoded) > 1 else 0
 
 
+CACHE_ROW_TOKENS = 256
+
+
 def pack(encoded: list[Encoded], loss_on: str = "answer", row_tokens: int = 1024, pad_id: int = 0) -> Batch:
     """Lay examples end to end in rows of at most max(row_tokens, longest example) tokens.
 
@@ -243,22 +246,27 @@ def first_trainable_layer(model) -> int:
 
 
 @torch.no_grad()
-def cache_frozen_layers(model, encoded: list[Encoded], layer: int, bf16: bool, batch_size: int = 64) -> None:
+def cache_frozen_layers(model, encoded: list[Encoded], layer: int, bf16: bool, batch_size: int = 64,
+                        row_tokens: int = CACHE_ROW_TOKENS) -> None:
     """Store each example's hidden states at the input of `layer`.
 
     Layers before the first adapted one never change during training, so their output is computed once
     instead of every epoch: a module on late layers then trains at the cost of its own layers only.
+    The examples' shared prompt prefix runs once per row, and rows are short because the packed rows'
+    attention mask is dense: its cost grows with the square of the row.
     """
     decoder = _causal_lm(model).get_decoder()
     device = _causal_lm(model).device
     with decoder_slice(decoder, 0, layer, final_norm=False), autocast(bf16, device):
         for start in range(0, len(encoded), batch_size):
             chunk = encoded[start : start + batch_size]
-            batch = pack(chunk, "all")
+            batch = pack(chunk, "answer", row_tokens=row_tokens)
             hidden = decoder(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
                              attention_mask=batch.attention_mask.to(device), use_cache=False).last_hidden_state
+            prefix = len(chunk[0].ids) - batch.spans[0][2]
             for e, (row, offset, n) in zip(chunk, batch.spans):
-                e.hidden, e.hidden_layer = hidden[row, offset : offset + n].float().cpu(), layer
+                e.hidden = torch.cat([hidden[row, :prefix], hidden[row, offset : offset + n]]).float().cpu()
+                e.hidden_layer = layer
 
 
 def _causal_lm(model):
