@@ -48,6 +48,14 @@ PromptOpt = typer.Option(None, "--prompt", help="prompt style of a new memory, t
                          "plain (\"Question: ... Answer:\") or chat (the model's chat template)")
 
 
+
+@app.callback()
+def _options(verbose: bool = typer.Option(False, "--verbose", "-v", help="log progress (each epoch's loss and "
+                                          "recall) to stderr")):
+    if verbose:
+        logging.getLogger("loramem").setLevel(logging.INFO)
+
+
 def _specs(rank, alpha, targets, layers, lr, epochs, batch_size, seed, loss_on, target_recall,
            variants: str = "", objective: str = "ntp") -> tuple[LoraSpec, TrainSpec]:
     chosen = {v.strip() for v in variants.split(",") if v.strip()}
