@@ -123,10 +123,10 @@ def shared_prefix(encoded: list[Encoded]) -> int:
     return max(n, 0) if len(encoded) > 1 else 0
 
 
-CACHE_ROW_TOKENS = 256
+ROW_TOKENS = 256  # packed rows attend through a dense mask, whose cost grows with the square of the row
 
 
-def pack(encoded: list[Encoded], loss_on: str = "answer", row_tokens: int = 1024, pad_id: int = 0) -> Batch:
+def pack(encoded: list[Encoded], loss_on: str = "answer", row_tokens: int = ROW_TOKENS, pad_id: int = 0) -> Batch:
     """Lay examples end to end in rows of at most max(row_tokens, longest example) tokens.
 
     With answer-only loss, a prompt prefix shared by all examples (a template such as "Question: What
@@ -247,13 +247,12 @@ def first_trainable_layer(model) -> int:
 
 @torch.no_grad()
 def cache_frozen_layers(model, encoded: list[Encoded], layer: int, bf16: bool, batch_size: int = 64,
-                        row_tokens: int = CACHE_ROW_TOKENS) -> None:
+                        row_tokens: int = ROW_TOKENS) -> None:
     """Store each example's hidden states at the input of `layer`.
 
     Layers before the first adapted one never change during training, so their output is computed once
     instead of every epoch: a module on late layers then trains at the cost of its own layers only.
-    The examples' shared prompt prefix runs once per row, and rows are short because the packed rows'
-    attention mask is dense: its cost grows with the square of the row.
+    The examples' shared prompt prefix runs once per row.
     """
     decoder = _causal_lm(model).get_decoder()
     device = _causal_lm(model).device
