@@ -501,7 +501,7 @@ def train(model, tokenizer, examples: list[Example], spec: TrainSpec, progress: 
                leave=False, mininterval=0.5)
     for epoch in range(1, spec.epochs + 1):
         rng.shuffle(order)
-        seen_recalled = 0
+        seen_recalled, epoch_loss, epoch_steps = 0, 0.0, 0
         for first in range(0, len(order), spec.batch_size):
             batch = pack([encoded[i] for i in order[first : first + spec.batch_size]], spec.loss_on,
                          pad_id=tokenizer.pad_token_id)
@@ -518,13 +518,14 @@ def train(model, tokenizer, examples: list[Example], spec: TrainSpec, progress: 
             tokens += batch.n_tokens
             supervised += len(batch.labels)
             loss_value = loss.item()
+            epoch_loss, epoch_steps = epoch_loss + loss_value, epoch_steps + 1
             elapsed = time.perf_counter() - start
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}", tok_s=f"{tokens / elapsed:.0f}")
             if step >= total_steps:
                 break
-        log.info("epoch %d: loss %.4f, recalled in the training pass %d/%d, %.1f s",
-                 epoch, loss_value, seen_recalled, len(encoded), time.perf_counter() - start)
+        log.info("epoch %d: mean loss %.4f, recalled in the training pass %d/%d, %.1f s",
+                 epoch, epoch_loss / epoch_steps, seen_recalled, len(encoded), time.perf_counter() - start)
         # The training pass saw the weights before each update; confirm with a clean check before stopping.
         if spec.target_recall is not None and seen_recalled / len(encoded) >= spec.target_recall:
             measured = recall(model, tokenizer, encoded, precision=spec.precision)
