@@ -35,6 +35,16 @@ def test_write_inspect_ask(memory):
     assert json.loads(out.stdout)["text"].startswith("603-556-7631")
 
 
+def test_verbose_logs_each_epoch(tmp_path):
+    (tmp_path / "facts.txt").write_text(FACTS)
+    def write(*flags, into):
+        return loramem(*flags, "write", tmp_path / into, tmp_path / "facts.txt", "--model", "tiny", "--epochs", "2")
+
+    quiet, verbose = write(into="quiet"), write("-v", into="verbose")
+    assert quiet.returncode == verbose.returncode == 0, verbose.stderr
+    assert "epoch 2: mean loss" in verbose.stderr and "epoch" not in quiet.stderr
+
+
 @pytest.mark.parametrize("args,message", [
     (["ask", "{tmp}/nowhere", "q?"], "no memory at"),
     (["inspect", "{tmp}"], "not a loramem memory"),
