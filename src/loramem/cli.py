@@ -48,7 +48,6 @@ PromptOpt = typer.Option(None, "--prompt", help="prompt style of a new memory, t
                          "plain (\"Question: ... Answer:\") or chat (the model's chat template)")
 
 
-
 @app.callback()
 def _options(verbose: bool = typer.Option(False, "--verbose", "-v", help="log progress (each epoch's loss and "
                                           "recall) to stderr")):
