@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 from pathlib import Path
 
 from loramem.errors import LoramemError
@@ -19,3 +20,10 @@ def open_memory(parser: argparse.ArgumentParser, path: Path, at_least: int, purp
     if count < at_least:
         parser.error(f"{path} has {count} modules; {purpose} needs at least {at_least}")
     return memory
+
+
+def rotations(names: list[str], rounds: int) -> Iterator[list[str]]:
+    """The order to run interleaved variants in, round by round: it rotates, because a fixed order favoured the
+    first variant (an A/A pair of identical runs measured 1.024x apart)."""
+    for r in range(rounds):
+        yield names[r % len(names):] + names[: r % len(names)]

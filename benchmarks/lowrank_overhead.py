@@ -4,9 +4,10 @@
 
 Interleaved rounds of 10 one-token forwards (batch 1, no cache) each: the base model; rank-4 factors on all 210
 linear layers the way `merge.fused` runs them (the layer's forward replaced for the call: one mm and one
-in-place addmm); and the same product registered as a forward hook on each layer (the first version). Medians. Also the fixed cost per answer: entering and leaving `answer.module_applied` on a saved
-rank-4 adapter, reading it from safetensors and preparing its factors (a first answer with it) or with them
-prepared already (any later one: the memory keeps them), medians of 15.
+in-place addmm); and the same product registered as a forward hook on each layer (the first version). Medians.
+Also the fixed cost per answer: entering and leaving `answer.module_applied` on a saved rank-4 adapter, reading
+it from safetensors and preparing its factors (a first answer with it) or with them prepared already (any later
+one: the memory keeps them), medians of 15.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from loramem.config import LoraSpec
 from loramem.merge import MergeCache, fused, low_rank
 from loramem.models import load_base
 from loramem.train import attached, save_adapter
+
+from common import rotations
 
 
 @contextmanager
@@ -79,9 +82,8 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in variants}
     for fn in variants.values():
         fn()  # warm-up
-    names = list(variants)
-    for rnd in range(args.rounds):  # the order rotates: a fixed one favoured the first variant
-        for name in names[rnd % len(names):] + names[: rnd % len(names)]:
+    for order in rotations(list(variants), args.rounds):
+        for name in order:
             times[name].append(variants[name]())
     ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
     layers = len(factors)

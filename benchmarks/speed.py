@@ -34,6 +34,8 @@ from loramem.models import load_base
 from loramem.train import (attached, autocast, cache_frozen_layers, encode, first_trainable_layer, pack,
                            supervised_logits, use_bf16)
 
+from common import rotations
+
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
@@ -278,14 +280,13 @@ def _randomise(model, seed: int = 0) -> None:
 
 
 def _interleaved(fns: dict, reps: int) -> dict[str, float]:
-    """Median seconds of each function, run once each per round, so that all of them see the same load; the order
-    rotates round by round, since a fixed order favoured the first (an A/A pair measured 1.024x apart)."""
+    """Median seconds of each function, run once each per round in a rotating order, so that all of them see the
+    same load."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():  # warm-up
         fn()
-    names = list(fns)
-    for rep in range(reps):
-        for name in names[rep % len(names):] + names[: rep % len(names)]:
+    for order in rotations(list(fns), reps):
+        for name in order:
             start = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - start)
