@@ -262,7 +262,7 @@ def cache_frozen_layers(model, encoded: list[Encoded], layer: int, bf16: bool, b
             batch = pack(chunk, "answer", row_tokens=row_tokens)
             hidden = decoder(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
                              attention_mask=batch.attention_mask.to(device), use_cache=False).last_hidden_state
-            prefix = len(chunk[0].ids) - batch.spans[0][2]
+            prefix = shared_prefix(chunk)  # the one pack laid at the head of every row
             for e, (row, offset, n) in zip(chunk, batch.spans):
                 e.hidden = torch.cat([hidden[row, :prefix], hidden[row, offset : offset + n]]).float().cpu()
                 e.hidden_layer = layer
