@@ -5,8 +5,9 @@
 Each argument is TrainSpec keyword arguments; `lora_*` keys go to LoraSpec (default rank 4, all
 targets, all layers). `start='gradient'` is an experiment, not in the library: each A starts on the
 top-r right singular vectors of its weight's loss gradient over the data (LoRA-GA's idea), B stays 0, so the
-module still starts at zero; the extra pass counts in the wall time. Per-epoch progress (mean loss, examples
-recalled in the training pass) is logged; the last line per recipe gives epochs, steps, training seconds, wall seconds (adapter initialisation,
+module still starts at zero; the extra pass (and a second caching of the frozen layers, which `train` does
+again) counts in the wall time. Per-epoch progress (mean loss, examples recalled in the training pass) is
+logged; the last line per recipe gives epochs, steps, training seconds, wall seconds (adapter initialisation,
 frozen-layer cache and recall checks included), tokens/s and the final teacher-forced recall.
 """
 
@@ -54,10 +55,11 @@ def main() -> None:
         start_from = kw.pop("start", "random")
         print("==", recipe, flush=True)
         start = time.perf_counter()  # wall time includes initialising the adapter, caching frozen layers, recall checks
+        spec = TrainSpec(**kw)
         with attached(base.model, LoraSpec(rank=4, **lora_kw)) as model:
             if start_from == "gradient":
-                start_on_gradient(model, base.tokenizer, examples, TrainSpec(**kw))
-            st = train(model, base.tokenizer, examples, TrainSpec(**kw), progress=False)
+                start_on_gradient(model, base.tokenizer, examples, spec)
+            st = train(model, base.tokenizer, examples, spec, progress=False)
             wall = time.perf_counter() - start
         print(recipe, st.epochs, st.steps, f"{st.seconds:.1f}s train", f"{wall:.1f}s wall",
               f"{st.tokens_per_second:.0f} tok/s", st.recall, round(st.final_loss, 3), flush=True)
