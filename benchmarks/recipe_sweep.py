@@ -53,6 +53,8 @@ def main() -> None:
         kw = eval(f"dict({recipe})")  # noqa: S307 - a benchmark's own command line
         lora_kw = {k[len("lora_"):]: kw.pop(k) for k in list(kw) if k.startswith("lora_")}
         start_from = kw.pop("start", "random")
+        if start_from not in ("random", "gradient"):
+            sys.exit(f"error: start must be 'random' or 'gradient', got {start_from!r}")
         print("==", recipe, flush=True)
         start = time.perf_counter()  # wall time includes initialising the adapter, caching frozen layers, recall checks
         spec = TrainSpec(**kw)
