@@ -117,6 +117,83 @@ def test_cached_frozen_layers_match_plain_path(tiny):
     assert len(tiny.model.model.layers) == 4  # the decoder got all its layers back
 
 
+def test_candidate_softmax_is_the_full_softmax_restricted_to_the_candidates(tiny):
+    from loramem.train import _loss
+
+    encoded = encode(tiny.tokenizer, EXAMPLES)
+    batch, spec = pack(encoded), TrainSpec()
+    with attached(tiny.model, LoraSpec(rank=2)) as model, torch.no_grad():
+        full = supervised_logits(model, batch)
+        everything = torch.arange(full.shape[-1])
+        torch.testing.assert_close(_loss(model, batch, encoded, spec, everything)[0], _loss(model, batch, encoded, spec)[0])
+        vocab = torch.unique(torch.cat([batch.labels, torch.tensor([3, 5, 7])]))
+        loss, logits = _loss(model, batch, encoded, spec, vocab)
+        torch.testing.assert_close(logits, full[:, vocab])
+        torch.testing.assert_close(loss, F.cross_entropy(full[:, vocab], torch.searchsorted(vocab, batch.labels)))
+        # recall read through the candidates maps their argmax back to token ids
+        assert torch.equal(examples_recalled(logits, batch, vocab),
+                           examples_recalled(full.masked_fill(~torch.isin(everything, vocab), -1e9), batch))
+
+
+def test_candidate_vocab_holds_every_label_and_the_models_top_k(tiny):
+    from loramem.train import candidate_vocab
+
+    encoded = encode(tiny.tokenizer, EXAMPLES)
+    with attached(tiny.model, LoraSpec(rank=2)) as model:
+        vocab = candidate_vocab(model, tiny.tokenizer, encoded, top_k=3)
+        batch = pack(encoded)
+        top = supervised_logits(model, batch).topk(3, -1).indices
+    assert torch.equal(vocab, torch.unique(torch.cat([batch.labels, top.flatten()])))
+    assert torch.isin(batch.labels, vocab).all() and torch.isin(top, vocab).all()
+
+
+def test_recall_names_the_tokens_that_beat_answers(tiny):
+    encoded = encode(tiny.tokenizer, EXAMPLES)
+    with attached(tiny.model, LoraSpec(rank=2)) as model:
+        intruders: set[int] = set()
+        assert recall(model, tiny.tokenizer, encoded, intruders=intruders) == 0.0
+        batch = pack(encoded)
+        predicted = supervised_logits(model, batch).argmax(-1)
+    wrong = (predicted != batch.labels) & batch.label_is_answer
+    assert intruders == set(predicted[wrong].tolist()) and intruders
+
+
+def test_candidate_training_stops_only_when_the_whole_vocabulary_agrees(tiny, monkeypatch):
+    """Candidates of only the label tokens, and a planted rival outside them: the digit 5's output row plus an
+    offset along the model's hidden state where 5 is the answer, so the rival rises with 5 and wins. The exact
+    check must find it, train against it, and report recall over every token."""
+    import loramem.train as train_module
+
+    def labels_only(model, tokenizer, encoded, top_k, loss_on="answer"):
+        return torch.unique(pack(encoded, loss_on).labels)
+
+    monkeypatch.setattr(train_module, "candidate_vocab", labels_only)
+    encoded = encode(tiny.tokenizer, EXAMPLES[:2])
+    labels = labels_only(None, None, encoded, 1)
+    five = tiny.tokenizer("5", add_special_tokens=False).input_ids[0]
+    rival = next(t for t in range(100, 1000) if t not in labels and all(t not in e.ids for e in encoded))
+    head = tiny.model.get_output_embeddings().weight
+    kept = head[rival].clone()
+    with torch.no_grad():
+        seen = []
+        hook = tiny.model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0]))
+        batch = pack(encoded)
+        supervised_logits(tiny.model, batch)
+        hook.remove()
+        offset = seen[0][batch.labels == five].mean(0)
+        head[rival] = head[five] + 0.3 * head[five].norm() * offset / offset.norm()
+    try:
+        with attached(tiny.model, LoraSpec(rank=8)) as model:
+            stats = train(model, tiny.tokenizer, EXAMPLES[:2], TrainSpec(lr=1e-2, epochs=60, batch_size=2, candidates=1),
+                          progress=False)
+            exact = recall(model, tiny.tokenizer, encoded)
+    finally:
+        with torch.no_grad():
+            head[rival] = kept
+    assert stats.recall == exact == 1.0
+    assert stats.softmax_tokens > len(labels)  # the check added what beat an answer
+
+
 def test_first_trainable_layer_is_zero_for_all_layers(tiny):
     from loramem.train import first_trainable_layer
 

@@ -40,6 +40,9 @@ TargetsOpt = typer.Option("all", "--targets", help="attention, ffn, all, or modu
 LayersOpt = typer.Option("all", "--layers", help="all, early, late, firstN, lastN, a-b or a list")
 LrOpt = typer.Option(TrainSpec.lr, "--lr", help="peak learning rate (AdamW)")
 EpochsOpt = typer.Option(TrainSpec.epochs, "--epochs", help="upper bound; training stops at the target recall")
+CandidatesOpt = typer.Option(0, "--candidates", help="train on a softmax over the answers' tokens plus the base "
+                             "model's top K at each answer position (0: the whole vocabulary); the stopping check "
+                             "stays exact")
 KeepOpt = typer.Option(None, "--memory", help="keep the modules in this memory (reruns reuse them)")
 OutOpt = typer.Option(None, "--out", help="also save the result as JSON here")
 ObjectiveOpt = typer.Option("ntp", "--objective", help="ntp (next-token loss on the synthetic data) or distill "
@@ -56,7 +59,7 @@ def _options(verbose: bool = typer.Option(False, "--verbose", "-v", help="log pr
 
 
 def _specs(rank, alpha, targets, layers, lr, epochs, batch_size, seed, loss_on, target_recall,
-           variants: str = "", objective: str = "ntp") -> tuple[LoraSpec, TrainSpec]:
+           variants: str = "", objective: str = "ntp", candidates: int = 0) -> tuple[LoraSpec, TrainSpec]:
     chosen = {v.strip() for v in variants.split(",") if v.strip()}
     if chosen - {"rslora", "dora", "pissa"}:
         raise LoramemError(f"unknown LoRA variant(s) {', '.join(sorted(chosen))}: choose from rslora, dora, pissa")
@@ -64,7 +67,7 @@ def _specs(rank, alpha, targets, layers, lr, epochs, batch_size, seed, loss_on, 
                     rslora="rslora" in chosen, dora="dora" in chosen, pissa="pissa" in chosen)
     recall = None if target_recall <= 0 else target_recall
     return lora, TrainSpec(lr=lr, epochs=epochs, batch_size=batch_size, seed=seed, loss_on=loss_on, target_recall=recall,
-                           objective=objective)
+                           objective=objective, candidates=candidates)
 
 
 def _table(title: str, rows: list[dict]) -> None:
@@ -115,6 +118,7 @@ def write(
     name: Optional[str] = typer.Option(None, help="module name"),
     prompt: Optional[str] = PromptOpt,
     objective: str = ObjectiveOpt,
+    candidates: int = CandidatesOpt,
     executor: str = typer.Option("inprocess", help="where modules train: inprocess, or ray (a task per module, "
                                  "one GPU each on a cluster with GPUs); the store is written here either way"),
     address: Optional[str] = typer.Option(None, help="ray: the cluster (auto, or ray://host:10001); "
@@ -127,7 +131,7 @@ def write(
     from loramem.memory import Memory, facts_from_file
 
     lora, train_spec = _specs(rank, alpha, targets, layers, lr, epochs, batch_size, seed, loss_on, target_recall,
-                              variants, objective)
+                              variants, objective, candidates)
     if fmt != "facts":
         if phonebook or not files:
             raise LoramemError("--format writes documents: give files or folders (not --phonebook)")
@@ -319,6 +323,7 @@ def bench_phonebook(
     epochs: int = EpochsOpt,
     batch_size: int = typer.Option(TrainSpec.batch_size),
     target_recall: float = typer.Option(1.0),
+    candidates: int = CandidatesOpt,
     model: Optional[str] = ModelOpt,
     data_dir: Optional[Path] = DataDirOpt,
     memory: Optional[Path] = typer.Option(None, help="keep the module in this memory (default: a temporary one)"),
@@ -328,7 +333,8 @@ def bench_phonebook(
     from loramem.bench import phonebook as pb
     from loramem.memory import Memory
 
-    lora, train_spec = _specs(rank, None, targets, layers, lr, epochs, batch_size, 0, "answer", target_recall)
+    lora, train_spec = _specs(rank, None, targets, layers, lr, epochs, batch_size, 0, "answer", target_recall,
+                              candidates=candidates)
     with tempfile.TemporaryDirectory() as tmp:
         mem = Memory.open(memory or Path(tmp) / "memory", model=model, create=True)
         result = pb.run(mem, size, lora, train_spec, data_dir, progress=not as_json)

@@ -6,6 +6,10 @@ The fast path, each trick checked against the plain path in tests/test_train.py:
   examples;
 - supervised-only logits: the output projection (a 49K-word vocabulary is ~20% of a small model's
   FLOPs) runs only at positions that carry a label;
+- candidate softmax (TrainSpec.candidates, opt-in): the loss normalises over the examples' own label tokens
+  plus the base model's top-k tokens at each supervised position instead of the whole vocabulary; the
+  check that stops training stays exact over the whole vocabulary, and any token it finds beating an
+  answer joins the candidates;
 - free recall checks: the training forward already has the argmax at every supervised position, so
   "would greedy decoding reproduce this answer?" is known for every example at no cost; a separate
   no-grad check confirms it before stopping early;
@@ -79,6 +83,7 @@ class TrainStats:
     recall: float  # share of examples reproduced exactly under greedy decoding (teacher forced)
     trainable_params: int
     precision: str
+    softmax_tokens: int | None = None  # size of the candidate softmax at the end (None: the whole vocabulary)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -188,13 +193,15 @@ def pack(encoded: list[Encoded], loss_on: str = "answer", row_tokens: int = ROW_
     )
 
 
-def supervised_logits(model, batch: Batch) -> torch.Tensor:
+def supervised_logits(model, batch: Batch, vocab: torch.Tensor | None = None) -> torch.Tensor:
     """Logits only at labelled positions: the decoder runs on every token, the vocabulary projection
-    only where a loss is taken. With cached hidden states the decoder starts at `batch.start_layer`."""
-    return supervised_outputs(model, batch)[0]
+    only where a loss is taken (and only onto the sorted token ids `vocab`, when given).
+    With cached hidden states the decoder starts at `batch.start_layer`."""
+    return supervised_outputs(model, batch, vocab=vocab)[0]
 
 
-def supervised_outputs(model, batch: Batch, layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+def supervised_outputs(model, batch: Batch, layers: tuple[int, ...] = (), vocab: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """supervised_logits, and the outputs of decoder `layers` at the same positions ((labels, len(layers), H))."""
     causal_lm = _causal_lm(model)
     device = causal_lm.device
@@ -217,7 +224,11 @@ def supervised_outputs(model, batch: Batch, layers: tuple[int, ...] = ()) -> tup
     # hidden_states[i] is the input of the (sliced) decoder's layer i, so layer L's output sits at L - start + 1.
     picked = torch.stack([at_labels(out.hidden_states[layer - batch.start_layer + 1]) for layer in layers], 1) \
         if layers else None
-    return causal_lm.get_output_embeddings()(at_labels(out.last_hidden_state)), picked
+    head, hidden = causal_lm.get_output_embeddings(), at_labels(out.last_hidden_state)
+    if vocab is None:
+        return head(hidden), picked
+    vocab = vocab.to(device)
+    return F.linear(hidden, head.weight[vocab], None if head.bias is None else head.bias[vocab]), picked
 
 
 @contextmanager
@@ -273,9 +284,11 @@ def _causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def examples_recalled(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """(n_examples,) bool: every answer token is the argmax, i.e. greedy decoding reproduces it."""
-    wrong = (logits.argmax(-1).cpu() != batch.labels) & batch.label_is_answer
+def examples_recalled(logits: torch.Tensor, batch: Batch, vocab: torch.Tensor | None = None) -> torch.Tensor:
+    """(n_examples,) bool: every answer token is the argmax, i.e. greedy decoding reproduces it (within the
+    token ids `vocab` when the logits cover only those)."""
+    predicted = logits.argmax(-1).cpu()
+    wrong = ((predicted if vocab is None else vocab[predicted]) != batch.labels) & batch.label_is_answer
     per_example = torch.zeros(batch.n_examples, dtype=torch.long).index_add_(0, batch.label_example, wrong.long())
     return per_example == 0
 
@@ -284,11 +297,14 @@ def distill_layers(spec: TrainSpec) -> tuple[int, ...]:
     return tuple(int(x) for x in spec.distill_layers.split(",") if x.strip()) if spec.distill_layers else ()
 
 
-def _loss(model, batch: Batch, examples: list[Encoded], spec: TrainSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, logits at the labelled positions) of one batch under the spec's objective."""
+def _loss(model, batch: Batch, examples: list[Encoded], spec: TrainSpec, vocab: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, logits at the labelled positions) of one batch under the spec's objective; with `vocab` (sorted
+    token ids holding every label) the next-token loss normalises over those tokens only."""
     if spec.objective == "ntp":
-        logits = supervised_logits(model, batch)
-        return F.cross_entropy(logits.float(), batch.labels.to(logits.device)), logits
+        logits = supervised_logits(model, batch, vocab)
+        labels = batch.labels if vocab is None else torch.searchsorted(vocab, batch.labels)
+        return F.cross_entropy(logits.float(), labels.to(logits.device)), logits
     logits, hidden = supervised_outputs(model, batch, distill_layers(spec))
     # pack lays labels out example by example in the order given, so the targets concatenate the same way
     device = logits.device
@@ -325,8 +341,10 @@ def autocast(enabled: bool, device: torch.device):
 
 
 @torch.no_grad()
-def recall(model, tokenizer, encoded: list[Encoded], batch_size: int = 64, precision: str = "auto") -> float:
-    """Share of examples whose answer greedy decoding reproduces exactly (checked teacher-forced)."""
+def recall(model, tokenizer, encoded: list[Encoded], batch_size: int = 64, precision: str = "auto",
+           intruders: set[int] | None = None) -> float:
+    """Share of examples whose answer greedy decoding reproduces exactly (checked teacher-forced, over the
+    whole vocabulary). `intruders`, when given, collects the tokens that win where an answer token should."""
     was_training = model.training
     model.eval()
     device = _causal_lm(model).device
@@ -334,9 +352,28 @@ def recall(model, tokenizer, encoded: list[Encoded], batch_size: int = 64, preci
     with autocast(use_bf16(precision, device), device):
         for start in range(0, len(encoded), batch_size):
             batch = pack(encoded[start : start + batch_size], "answer", pad_id=tokenizer.pad_token_id)
-            hits += int(examples_recalled(supervised_logits(model, batch), batch).sum())
+            logits = supervised_logits(model, batch)
+            hits += int(examples_recalled(logits, batch).sum())
+            if intruders is not None:
+                predicted = logits.argmax(-1).cpu()
+                intruders.update(predicted[(predicted != batch.labels) & batch.label_is_answer].tolist())
     model.train(was_training)
     return hits / max(1, len(encoded))
+
+
+@torch.no_grad()
+def candidate_vocab(model, tokenizer, encoded: list[Encoded], top_k: int, loss_on: str = "answer",
+                    batch_size: int = 64) -> torch.Tensor:
+    """Sorted token ids of a candidate softmax: every label token of the examples, plus the model's top_k
+    tokens at each supervised position (the rivals an answer starts against)."""
+    was_training = model.training
+    model.eval()
+    found = []
+    for start in range(0, len(encoded), batch_size):
+        batch = pack(encoded[start : start + batch_size], loss_on, pad_id=tokenizer.pad_token_id)
+        found += [batch.labels, supervised_logits(model, batch).topk(top_k, -1).indices.flatten().cpu()]
+    model.train(was_training)
+    return torch.unique(torch.cat(found))
 
 
 @dataclass
@@ -480,6 +517,11 @@ def train(model, tokenizer, examples: list[Example], spec: TrainSpec, progress: 
     frozen = first_trainable_layer(model)
     if frozen > 0:
         cache_frozen_layers(model, encoded, frozen, bf16)
+    vocab = None
+    if spec.candidates:
+        with autocast(bf16, device):
+            vocab = candidate_vocab(model, tokenizer, encoded, spec.candidates, spec.loss_on)
+        log.info("candidate softmax over %d tokens", len(vocab))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     groups = [
@@ -503,17 +545,17 @@ def train(model, tokenizer, examples: list[Example], spec: TrainSpec, progress: 
         rng.shuffle(order)
         seen_recalled, epoch_loss, epoch_steps = 0, 0.0, 0
         for first in range(0, len(order), spec.batch_size):
-            batch = pack([encoded[i] for i in order[first : first + spec.batch_size]], spec.loss_on,
-                         pad_id=tokenizer.pad_token_id)
+            chunk = [encoded[i] for i in order[first : first + spec.batch_size]]
+            batch = pack(chunk, spec.loss_on, pad_id=tokenizer.pad_token_id)
             with autocast(bf16, device):
-                loss, logits = _loss(model, batch, [encoded[i] for i in order[first : first + spec.batch_size]], spec)
+                loss, logits = _loss(model, batch, chunk, spec, vocab)
             loss.backward()
             if spec.clip_norm:
                 torch.nn.utils.clip_grad_norm_(params, spec.clip_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            seen_recalled += int(examples_recalled(logits.detach(), batch).sum())
+            seen_recalled += int(examples_recalled(logits.detach(), batch, vocab).sum())
             step += 1
             tokens += batch.n_tokens
             supervised += len(batch.labels)
@@ -528,10 +570,14 @@ def train(model, tokenizer, examples: list[Example], spec: TrainSpec, progress: 
                  epoch, epoch_loss / epoch_steps, seen_recalled, len(encoded), time.perf_counter() - start)
         # The training pass saw the weights before each update; confirm with a clean check before stopping.
         if spec.target_recall is not None and seen_recalled / len(encoded) >= spec.target_recall:
-            measured = recall(model, tokenizer, encoded, precision=spec.precision)
+            intruders: set[int] = set()
+            measured = recall(model, tokenizer, encoded, precision=spec.precision, intruders=intruders)
             model.train()
             if measured >= spec.target_recall:
                 break
+            if vocab is not None:  # tokens outside the candidates that beat an answer are trained against from now on
+                vocab = torch.unique(torch.cat([vocab, torch.tensor(sorted(intruders), dtype=vocab.dtype)]))
+                log.info("the check found %d token(s) beating answers; candidates now %d", len(intruders), len(vocab))
         if step >= total_steps:
             break
     bar.close()
@@ -543,7 +589,7 @@ def train(model, tokenizer, examples: list[Example], spec: TrainSpec, progress: 
         steps=step, epochs=epoch, seconds=seconds, tokens=tokens, supervised_tokens=supervised,
         tokens_per_second=tokens / seconds, supervised_tokens_per_second=supervised / seconds,
         final_loss=loss_value, recall=measured, trainable_params=sum(p.numel() for p in params),
-        precision="bf16" if bf16 else "fp32",
+        precision="bf16" if bf16 else "fp32", softmax_tokens=len(vocab) if vocab is not None else None,
     )
 
 
