@@ -49,15 +49,16 @@ def test_spec_builds_adapters_only_where_asked(tiny):
 
 @pytest.mark.parametrize("kw", [dict(lr=0), dict(schedule="step"), dict(loss_on="x"), dict(target_recall=1.5),
                                 dict(precision="fp8"), dict(batch_size=0), dict(max_steps=0), dict(candidates=-1),
-                                dict(candidates=4, objective="distill")])
+                                dict(candidates=4, objective="distill"), dict(lr_floor=1.0), dict(decay_epochs=0)])
 def test_bad_train_settings(kw):
     with pytest.raises(LoramemError):
         TrainSpec(**kw)
 
 
-def test_whole_vocabulary_default_keeps_module_ids(tmp_path):
-    assert "candidates" not in TrainSpec().to_dict()  # ids of modules written before the option existed stay valid
-    assert TrainSpec(candidates=32).to_dict()["candidates"] == 32
+def test_later_settings_at_their_defaults_keep_module_ids():
+    for key, value in (("candidates", 32), ("decay_epochs", 10), ("lr_floor", 0.1)):
+        assert key not in TrainSpec().to_dict()  # ids of modules written before the option existed stay valid
+        assert TrainSpec(**{key: value}).to_dict()[key] == value
 
 
 def test_data_dir_setting(tmp_path, monkeypatch):

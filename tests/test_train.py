@@ -194,6 +194,17 @@ def test_candidate_training_stops_only_when_the_whole_vocabulary_agrees(tiny, mo
     assert stats.softmax_tokens > len(labels)  # the check added what beat an answer
 
 
+def test_schedule_decays_over_decay_epochs_then_holds_at_the_floor():
+    from loramem.train import _schedule
+
+    held = _schedule(TrainSpec(lr_floor=0.1, decay_epochs=2, epochs=5), total_steps=50, steps_per_epoch=10)
+    assert held(0) == 1.0 and held(10) == pytest.approx(0.55) and held(20) == held(49) == pytest.approx(0.1)
+    plain = _schedule(TrainSpec(epochs=5), 50, 10)  # the default: linear to zero over every step
+    assert plain(0) == 1.0 and plain(25) == pytest.approx(0.5) and plain(50) == 0.0
+    cosine = _schedule(TrainSpec(schedule="cosine", lr_floor=0.2), 10, 5)
+    assert cosine(0) == 1.0 and cosine(5) == pytest.approx(0.6) and cosine(10) == pytest.approx(0.2)
+
+
 def test_first_trainable_layer_is_zero_for_all_layers(tiny):
     from loramem.train import first_trainable_layer
 

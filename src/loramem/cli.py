@@ -43,6 +43,9 @@ EpochsOpt = typer.Option(TrainSpec.epochs, "--epochs", help="upper bound; traini
 CandidatesOpt = typer.Option(0, "--candidates", help="train on a softmax over the answers' tokens plus the base "
                              "model's top K at each answer position (0: the whole vocabulary); the stopping check "
                              "stays exact")
+FloorOpt = typer.Option(0.0, "--lr-floor", help="the decay ends at this fraction of --lr and holds there until the "
+                        "target recall or the last epoch (0: decay to zero)")
+DecayOpt = typer.Option(None, "--decay-epochs", help="epochs the learning rate decays over (default: all)")
 KeepOpt = typer.Option(None, "--memory", help="keep the modules in this memory (reruns reuse them)")
 OutOpt = typer.Option(None, "--out", help="also save the result as JSON here")
 ObjectiveOpt = typer.Option("ntp", "--objective", help="ntp (next-token loss on the synthetic data) or distill "
@@ -59,7 +62,8 @@ def _options(verbose: bool = typer.Option(False, "--verbose", "-v", help="log pr
 
 
 def _specs(rank, alpha, targets, layers, lr, epochs, batch_size, seed, loss_on, target_recall,
-           variants: str = "", objective: str = "ntp", candidates: int = 0) -> tuple[LoraSpec, TrainSpec]:
+           variants: str = "", objective: str = "ntp", candidates: int = 0, lr_floor: float = 0.0,
+           decay_epochs: int | None = None) -> tuple[LoraSpec, TrainSpec]:
     chosen = {v.strip() for v in variants.split(",") if v.strip()}
     if chosen - {"rslora", "dora", "pissa"}:
         raise LoramemError(f"unknown LoRA variant(s) {', '.join(sorted(chosen))}: choose from rslora, dora, pissa")
@@ -67,7 +71,7 @@ def _specs(rank, alpha, targets, layers, lr, epochs, batch_size, seed, loss_on, 
                     rslora="rslora" in chosen, dora="dora" in chosen, pissa="pissa" in chosen)
     recall = None if target_recall <= 0 else target_recall
     return lora, TrainSpec(lr=lr, epochs=epochs, batch_size=batch_size, seed=seed, loss_on=loss_on, target_recall=recall,
-                           objective=objective, candidates=candidates)
+                           objective=objective, candidates=candidates, lr_floor=lr_floor, decay_epochs=decay_epochs)
 
 
 def _table(title: str, rows: list[dict]) -> None:
@@ -119,6 +123,8 @@ def write(
     prompt: Optional[str] = PromptOpt,
     objective: str = ObjectiveOpt,
     candidates: int = CandidatesOpt,
+    lr_floor: float = FloorOpt,
+    decay_epochs: Optional[int] = DecayOpt,
     executor: str = typer.Option("inprocess", help="where modules train: inprocess, or ray (a task per module, "
                                  "one GPU each on a cluster with GPUs); the store is written here either way"),
     address: Optional[str] = typer.Option(None, help="ray: the cluster (auto, or ray://host:10001); "
@@ -131,7 +137,7 @@ def write(
     from loramem.memory import Memory, facts_from_file
 
     lora, train_spec = _specs(rank, alpha, targets, layers, lr, epochs, batch_size, seed, loss_on, target_recall,
-                              variants, objective, candidates)
+                              variants, objective, candidates, lr_floor, decay_epochs)
     if fmt != "facts":
         if phonebook or not files:
             raise LoramemError("--format writes documents: give files or folders (not --phonebook)")
@@ -324,6 +330,8 @@ def bench_phonebook(
     batch_size: int = typer.Option(TrainSpec.batch_size),
     target_recall: float = typer.Option(1.0),
     candidates: int = CandidatesOpt,
+    lr_floor: float = FloorOpt,
+    decay_epochs: Optional[int] = DecayOpt,
     model: Optional[str] = ModelOpt,
     data_dir: Optional[Path] = DataDirOpt,
     memory: Optional[Path] = typer.Option(None, help="keep the module in this memory (default: a temporary one)"),
@@ -334,7 +342,7 @@ def bench_phonebook(
     from loramem.memory import Memory
 
     lora, train_spec = _specs(rank, None, targets, layers, lr, epochs, batch_size, 0, "answer", target_recall,
-                              candidates=candidates)
+                              candidates=candidates, lr_floor=lr_floor, decay_epochs=decay_epochs)
     with tempfile.TemporaryDirectory() as tmp:
         mem = Memory.open(memory or Path(tmp) / "memory", model=model, create=True)
         result = pb.run(mem, size, lora, train_spec, data_dir, progress=not as_json)

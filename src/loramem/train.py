@@ -483,15 +483,17 @@ def _label_groups(encoded: list[Encoded], max_labels: int):
         yield group
 
 
-def _schedule(spec: TrainSpec, total_steps: int):
+def _schedule(spec: TrainSpec, total_steps: int, steps_per_epoch: int):
+    horizon = total_steps if spec.decay_epochs is None else min(total_steps, spec.decay_epochs * steps_per_epoch)
+
     def factor(step: int) -> float:
         if step < spec.warmup_steps:
             return (step + 1) / spec.warmup_steps
-        progress = (step - spec.warmup_steps) / max(1, total_steps - spec.warmup_steps)
+        progress = min(1.0, (step - spec.warmup_steps) / max(1, horizon - spec.warmup_steps))
         if spec.schedule == "linear":
-            return max(0.0, 1.0 - progress)
+            return spec.lr_floor + (1.0 - spec.lr_floor) * (1.0 - progress)
         if spec.schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+            return spec.lr_floor + (1.0 - spec.lr_floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
         return 1.0
 
     return factor
@@ -531,7 +533,7 @@ def train(model, tokenizer, examples: list[Example], spec: TrainSpec, progress: 
     optimizer = torch.optim.AdamW(groups, weight_decay=spec.weight_decay)
     steps_per_epoch = math.ceil(len(encoded) / spec.batch_size)
     total_steps = min(spec.max_steps or 10**12, spec.epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(spec, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(spec, total_steps, steps_per_epoch))
     rng = random.Random(spec.seed)
     order = list(range(len(encoded)))
     step = tokens = supervised = 0
