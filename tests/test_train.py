@@ -158,7 +158,7 @@ def test_recall_names_the_tokens_that_beat_answers(tiny):
     assert intruders == set(predicted[wrong].tolist()) and intruders
 
 
-def test_candidate_training_stops_only_when_the_whole_vocabulary_agrees(tiny, monkeypatch):
+def test_candidate_training_stops_only_when_the_whole_vocabulary_agrees(tiny, monkeypatch, caplog):
     """Candidates of only the label tokens, and a planted rival outside them: the digit 5's output row plus an
     offset along the model's hidden state where 5 is the answer, so the rival rises with 5 and wins. The exact
     check must find it, train against it, and report recall over every token."""
@@ -183,7 +183,7 @@ def test_candidate_training_stops_only_when_the_whole_vocabulary_agrees(tiny, mo
         offset = seen[0][batch.labels == five].mean(0)
         head[rival] = head[five] + 0.3 * head[five].norm() * offset / offset.norm()
     try:
-        with attached(tiny.model, LoraSpec(rank=8)) as model:
+        with attached(tiny.model, LoraSpec(rank=8)) as model, caplog.at_level("INFO", logger="loramem"):
             stats = train(model, tiny.tokenizer, EXAMPLES[:2], TrainSpec(lr=1e-2, epochs=60, batch_size=2, candidates=1),
                           progress=False)
             exact = recall(model, tiny.tokenizer, encoded)
@@ -192,6 +192,8 @@ def test_candidate_training_stops_only_when_the_whole_vocabulary_agrees(tiny, mo
             head[rival] = kept
     assert stats.recall == exact == 1.0
     assert stats.softmax_tokens > len(labels)  # the check added what beat an answer
+    found = next(i for i, r in enumerate(caplog.records) if "beating answers" in r.getMessage())
+    assert "recalled in the training pass 1/2" in caplog.records[found - 1].getMessage()  # found at half the target
 
 
 def test_schedule_decays_over_decay_epochs_then_holds_at_the_floor():
