@@ -76,6 +76,17 @@ def test_recalled_means_greedy_generation_reproduces_answer(tiny):
             assert tiny.tokenizer.decode(out[0, e.n_prompt :]) == ex.answer
 
 
+def test_exact_check_runs_when_the_lagging_training_pass_would_reach_the_target_next_epoch(tiny, caplog):
+    """The training pass recalled 0 then 1 of 2: one more epoch at that pace reaches the target, so the exact
+    check runs then instead of an epoch later."""
+    with attached(tiny.model, LoraSpec(rank=8)) as model, caplog.at_level("INFO", logger="loramem"):
+        train(model, tiny.tokenizer, EXAMPLES[:2], TrainSpec(lr=1e-2, epochs=60, batch_size=2), progress=False)
+    messages = [r.getMessage() for r in caplog.records]
+    first = next(i for i, m in enumerate(messages) if m.startswith("exact check"))
+    assert "recalled in the training pass 1/2" in messages[first - 1]
+    assert "recalled in the training pass 0/2" in messages[first - 2]
+
+
 def test_recall_zero_for_untrained_adapter(tiny):
     encoded = encode(tiny.tokenizer, EXAMPLES)
     with attached(tiny.model, LoraSpec(rank=2)) as model:
@@ -192,8 +203,9 @@ def test_candidate_training_stops_only_when_the_whole_vocabulary_agrees(tiny, mo
             head[rival] = kept
     assert stats.recall == exact == 1.0
     assert stats.softmax_tokens > len(labels)  # the check added what beat an answer
-    found = next(i for i, r in enumerate(caplog.records) if "beating answers" in r.getMessage())
-    assert "recalled in the training pass 1/2" in caplog.records[found - 1].getMessage()  # found at half the target
+    messages = [r.getMessage() for r in caplog.records]
+    found = next(i for i, m in enumerate(messages) if "beating answers" in m)
+    assert "training pass 1/2" in [m for m in messages[:found] if m.startswith("epoch")][-1]  # found at half the target
 
 
 def test_schedule_decays_over_decay_epochs_then_holds_at_the_floor():

@@ -537,7 +537,7 @@ def train(model, tokenizer, examples: list[Example], spec: TrainSpec, progress: 
     rng = random.Random(spec.seed)
     order = list(range(len(encoded)))
     step = tokens = supervised = 0
-    loss_value, measured, scouted = float("nan"), 0.0, False
+    loss_value, measured, scouted, last_share = float("nan"), 0.0, False, 0.0
     model.train()
     start = time.perf_counter()
     # No bar when stderr is not a terminal (logs, CI): tqdm would write a line per update there.
@@ -570,15 +570,18 @@ def train(model, tokenizer, examples: list[Example], spec: TrainSpec, progress: 
                 break
         log.info("epoch %d: mean loss %.4f, recalled in the training pass %d/%d, %.1f s",
                  epoch, epoch_loss / epoch_steps, seen_recalled, len(encoded), time.perf_counter() - start)
-        # The training pass saw the weights before each update; confirm with a clean check before stopping. With
-        # candidates, the first epoch that recalls half the target checks too: rivals found then still get trained against.
+        # The training pass saw each batch before its update, so it lags the weights by about an epoch: check exactly
+        # once it reaches the target or, extrapolated one epoch, would. With candidates, the first epoch that recalls
+        # half the target checks too: rivals found then still get trained against.
         share = seen_recalled / len(encoded)
+        ahead, last_share = max(share, 2 * share - last_share), share
         scout = vocab is not None and not scouted and share >= (spec.target_recall or 1.0) / 2
-        if scout or (spec.target_recall is not None and share >= spec.target_recall):
+        if scout or (spec.target_recall is not None and ahead >= spec.target_recall):
             scouted = scouted or scout
             intruders: set[int] = set()
             measured = recall(model, tokenizer, encoded, precision=spec.precision, intruders=intruders)
             model.train()
+            log.info("exact check after epoch %d: %d/%d recalled", epoch, round(measured * len(encoded)), len(encoded))
             if spec.target_recall is not None and measured >= spec.target_recall:
                 break
             if vocab is not None:  # tokens outside the candidates that beat an answer are trained against from now on
