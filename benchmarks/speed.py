@@ -31,7 +31,7 @@ from loramem.answer import closed_book_prompt
 from loramem.bench import phonebook as pb
 from loramem.config import LoraSpec
 from loramem.models import load_base
-from loramem.train import (attached, autocast, cache_frozen_layers, encode, first_trainable_layer, pack,
+from loramem.train import (attached, autocast, cache_frozen_layers, candidate_vocab, encode, first_trainable_layer, pack,
                            supervised_logits, use_bf16)
 
 from common import rotations
@@ -65,11 +65,13 @@ def baseline_step(model, tokenizer, encoded, optimizer) -> int:
     return int((labels != -100).sum())
 
 
-def fast_step(model, tokenizer, encoded, optimizer, bf16: bool) -> int:
+def fast_step(model, tokenizer, encoded, optimizer, bf16: bool, vocab: torch.Tensor | None = None) -> int:
+    """loramem's step; with `vocab`, the softmax runs over those candidate tokens only (TrainSpec.candidates)."""
     batch = pack(encoded, "answer", pad_id=tokenizer.pad_token_id)
     with autocast(bf16, torch.device("cpu")):
-        logits = supervised_logits(model, batch)
-    F.cross_entropy(logits.float(), batch.labels).backward()
+        logits = supervised_logits(model, batch, vocab)
+    labels = batch.labels if vocab is None else torch.searchsorted(vocab, batch.labels)
+    F.cross_entropy(logits.float(), labels).backward()
     optimizer.step()
     optimizer.zero_grad()
     return len(batch.labels)
@@ -99,6 +101,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--targets", default="all")
     parser.add_argument("--layers", default="all")
+    parser.add_argument("--candidates", type=int, default=0,
+                        help="also time the fast step with a candidate softmax of this top k (TrainSpec.candidates)")
     parser.add_argument("--parts", default="train,answer,merge", help="comma-separated: train, answer, merge")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -145,6 +149,10 @@ def train_throughput(args, base, spec: LoraSpec, bf16: bool, result: dict) -> No
             "baseline": lambda i: baseline_step(model, tok, plain_encoded[i : i + args.batch_size], optimizer),
             "fast": lambda i: fast_step(model, tok, encoded[i : i + args.batch_size], optimizer, bf16),
         }
+        if args.candidates:
+            vocab = candidate_vocab(model, tok, encoded, args.candidates)
+            result["softmax_tokens"] = len(vocab)
+            steps["candidates"] = lambda i: fast_step(model, tok, encoded[i : i + args.batch_size], optimizer, bf16, vocab)
         starts = range(0, len(encoded), args.batch_size)
         times, supervised = time_interleaved(steps, starts, args.reps)
     share = 1 - frozen / cfg.num_hidden_layers  # layers that need a backward pass
@@ -155,12 +163,16 @@ def train_throughput(args, base, spec: LoraSpec, bf16: bool, result: dict) -> No
         else:  # cached frozen layers: forward and backward only through the adapted ones
             packed = [pack(b, "answer") for b in batches]
             tokens = sum(p.n_tokens for p in packed)
-            flops = tokens * 4 * body * share + sum(len(p.labels) for p in packed) * 4 * embed
+            head = embed * (result["softmax_tokens"] / cfg.vocab_size if name == "candidates" else 1)
+            flops = tokens * 4 * body * share + sum(len(p.labels) for p in packed) * 4 * head
         result[name] = {"seconds_per_step": times[name] / len(batches), "tokens_computed": tokens,
                         "supervised_tokens_per_second": supervised[name] / times[name],
                         "gflops": flops / times[name] / 1e9}
     result["speedup_supervised_tokens"] = (result["fast"]["supervised_tokens_per_second"]
                                            / result["baseline"]["supervised_tokens_per_second"])
+    if "candidates" in steps:
+        result["speedup_candidates"] = (result["candidates"]["supervised_tokens_per_second"]
+                                        / result["baseline"]["supervised_tokens_per_second"])
     result["peak_gflops_fp32"] = matmul_peak(torch.float32) / 1e9
     result["peak_gflops_bf16"] = matmul_peak(torch.bfloat16, n=512) / 1e9
     result["fast_fraction_of_fp32_peak"] = result["fast"]["gflops"] / result["peak_gflops_fp32"]
