@@ -585,8 +585,10 @@ def train(model, tokenizer, examples: list[Example], spec: TrainSpec, progress: 
             if spec.target_recall is not None and measured >= spec.target_recall:
                 break
             if vocab is not None:  # tokens outside the candidates that beat an answer are trained against from now on
-                vocab = torch.unique(torch.cat([vocab, torch.tensor(sorted(intruders), dtype=vocab.dtype)]))
-                log.info("the check found %d token(s) beating answers; candidates now %d", len(intruders), len(vocab))
+                grown = torch.unique(torch.cat([vocab, torch.tensor(sorted(intruders), dtype=vocab.dtype)]))
+                log.info("the check found %d token(s) beating answers, %d of them new: candidates now %d",
+                         len(intruders), len(grown) - len(vocab), len(grown))
+                vocab = grown
         if step >= total_steps:
             break
     bar.close()
