@@ -129,7 +129,7 @@ class TrainSpec:
     lr_floor:      fraction of lr the decay ends at. Above 0, a run that is not exact when the decay ends goes
                    on learning until the target recall or the last epoch (measured on PhoneBook 1K: decaying to
                    0 over 10 epochs reached 100% for one shuffling seed of three; to 0.1 over 10, then holding,
-                   for all three, in 11-16 epochs).
+                   for all five tried, in 10-16 epochs).
     max_steps:     optional hard cap on optimizer steps (overrides epochs when reached first).
     batch_size:    examples per optimizer step.
     seed:          seeds shuffling and LoRA initialisation.
