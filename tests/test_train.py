@@ -158,14 +158,16 @@ def test_candidate_vocab_holds_every_label_and_the_models_top_k(tiny):
     assert torch.isin(batch.labels, vocab).all() and torch.isin(top, vocab).all()
 
 
-def test_recall_names_the_tokens_that_beat_answers(tiny):
+def test_exact_check_names_the_wrong_examples_and_the_tokens_that_beat_answers(tiny):
+    from loramem.train import exact_check
+
     encoded = encode(tiny.tokenizer, EXAMPLES)
     with attached(tiny.model, LoraSpec(rank=2)) as model:
-        intruders: set[int] = set()
-        assert recall(model, tiny.tokenizer, encoded, intruders=intruders) == 0.0
+        recalled, intruders = exact_check(model, tiny.tokenizer, encoded)
         batch = pack(encoded)
         predicted = supervised_logits(model, batch).argmax(-1)
     wrong = (predicted != batch.labels) & batch.label_is_answer
+    assert recalled.tolist() == [False] * len(EXAMPLES)
     assert intruders == set(predicted[wrong].tolist()) and intruders
 
 

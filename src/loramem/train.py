@@ -341,24 +341,28 @@ def autocast(enabled: bool, device: torch.device):
 
 
 @torch.no_grad()
-def recall(model, tokenizer, encoded: list[Encoded], batch_size: int = 64, precision: str = "auto",
-           intruders: set[int] | None = None) -> float:
-    """Share of examples whose answer greedy decoding reproduces exactly (checked teacher-forced, over the
-    whole vocabulary). `intruders`, when given, collects the tokens that win where an answer token should."""
+def exact_check(model, tokenizer, encoded: list[Encoded], batch_size: int = 64, precision: str = "auto"
+                ) -> tuple[torch.Tensor, set[int]]:
+    """Which examples greedy decoding reproduces exactly ((n,) bool, checked teacher-forced over the whole
+    vocabulary), and the tokens that win where an answer token should."""
     was_training = model.training
     model.eval()
     device = _causal_lm(model).device
-    hits = 0
+    recalled, intruders = [], set()
     with autocast(use_bf16(precision, device), device):
         for start in range(0, len(encoded), batch_size):
             batch = pack(encoded[start : start + batch_size], "answer", pad_id=tokenizer.pad_token_id)
             logits = supervised_logits(model, batch)
-            hits += int(examples_recalled(logits, batch).sum())
-            if intruders is not None:
-                predicted = logits.argmax(-1).cpu()
-                intruders.update(predicted[(predicted != batch.labels) & batch.label_is_answer].tolist())
+            recalled.append(examples_recalled(logits, batch))
+            predicted = logits.argmax(-1).cpu()
+            intruders.update(predicted[(predicted != batch.labels) & batch.label_is_answer].tolist())
     model.train(was_training)
-    return hits / max(1, len(encoded))
+    return torch.cat(recalled) if recalled else torch.zeros(0, dtype=torch.bool), intruders
+
+
+def recall(model, tokenizer, encoded: list[Encoded], batch_size: int = 64, precision: str = "auto") -> float:
+    """Share of examples whose answer greedy decoding reproduces exactly (checked teacher-forced)."""
+    return int(exact_check(model, tokenizer, encoded, batch_size, precision)[0].sum()) / max(1, len(encoded))
 
 
 @torch.no_grad()
@@ -578,10 +582,9 @@ def train(model, tokenizer, examples: list[Example], spec: TrainSpec, progress: 
         scout = vocab is not None and not scouted and share >= (spec.target_recall or 1.0) / 2
         if scout or (spec.target_recall is not None and ahead >= spec.target_recall):
             scouted = scouted or scout
-            intruders: set[int] = set()
-            measured = recall(model, tokenizer, encoded, precision=spec.precision, intruders=intruders)
-            model.train()
-            log.info("exact check after epoch %d: %d/%d recalled", epoch, round(measured * len(encoded)), len(encoded))
+            recalled, intruders = exact_check(model, tokenizer, encoded, precision=spec.precision)
+            measured = int(recalled.sum()) / len(encoded)
+            log.info("exact check after epoch %d: %d/%d recalled", epoch, int(recalled.sum()), len(encoded))
             if spec.target_recall is not None and measured >= spec.target_recall:
                 break
             if vocab is not None:  # tokens outside the candidates that beat an answer are trained against from now on
