@@ -521,13 +521,16 @@ def train(model, tokenizer, examples: list[Example], spec: TrainSpec, progress: 
             raise LoramemError("the distill objective needs the documents the module is written from")
         teacher_targets(model, tokenizer, encoded, context, spec)
     frozen = first_trainable_layer(model)
+    clock = time.perf_counter()
     if frozen > 0:
         cache_frozen_layers(model, encoded, frozen, bf16)
+        log.info("cached the outputs of the frozen layers 0-%d in %.1f s", frozen - 1, time.perf_counter() - clock)
     vocab = None
     if spec.candidates:
+        clock = time.perf_counter()
         with autocast(bf16, device):
             vocab = candidate_vocab(model, tokenizer, encoded, spec.candidates, spec.loss_on)
-        log.info("candidate softmax over %d tokens", len(vocab))
+        log.info("candidate softmax over %d tokens, found in %.1f s", len(vocab), time.perf_counter() - clock)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     groups = [
@@ -582,9 +585,11 @@ def train(model, tokenizer, examples: list[Example], spec: TrainSpec, progress: 
         scout = vocab is not None and not scouted and share >= (spec.target_recall or 1.0) / 2
         if scout or (spec.target_recall is not None and ahead >= spec.target_recall):
             scouted = scouted or scout
+            clock = time.perf_counter()
             recalled, intruders = exact_check(model, tokenizer, encoded, precision=spec.precision)
             measured = int(recalled.sum()) / len(encoded)
-            log.info("exact check after epoch %d: %d/%d recalled", epoch, int(recalled.sum()), len(encoded))
+            log.info("exact check after epoch %d: %d/%d recalled, in %.1f s", epoch, int(recalled.sum()), len(encoded),
+                     time.perf_counter() - clock)
             if spec.target_recall is not None and measured >= spec.target_recall:
                 break
             if vocab is not None:  # tokens outside the candidates that beat an answer are trained against from now on
