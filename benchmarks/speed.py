@@ -31,8 +31,8 @@ from loramem.answer import closed_book_prompt
 from loramem.bench import phonebook as pb
 from loramem.config import LoraSpec
 from loramem.models import load_base
-from loramem.train import (attached, autocast, cache_frozen_layers, candidate_vocab, encode, first_trainable_layer, pack,
-                           supervised_logits, use_bf16)
+from loramem.train import (attached, autocast, cache_frozen_layers, candidate_vocab, encode, first_trainable_layer,
+                           pack, supervised_logits, use_bf16)
 
 from common import rotations
 

@@ -121,8 +121,8 @@ class TrainSpec:
 
     lr:            peak learning rate (AdamW). Memorising facts wants a far higher rate than the
                    paper's 5e-5; the default was measured on PhoneBook (docs/BENCHMARKS.md).
-    schedule:      "constant", "linear" or "cosine" decay after warmup_steps. Decaying to zero is what
-                   turns "almost memorised" into exact recall (measured: constant 5e-3 plateaus at 94%
+    schedule:      "constant", "linear" or "cosine" decay after warmup_steps. Decaying (to zero, or to lr_floor)
+                   is what turns "almost memorised" into exact recall (measured: constant 5e-3 plateaus at 94%
                    after 25 epochs of PhoneBook 1K; linear decay from 5e-3 reaches 100% at epoch 15).
     epochs:        passes over the examples; with a decaying schedule also its horizon, unless decay_epochs.
     decay_epochs:  epochs the schedule decays over (None: all of them); later epochs hold the rate at lr_floor.
