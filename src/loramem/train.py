@@ -284,11 +284,22 @@ def _causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def answer_mistakes(logits: torch.Tensor, batch: Batch, vocab: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(argmax token id at each labelled position, mask of the answer positions where it is not the label);
+    `vocab` maps the argmax back to token ids when the logits cover only those."""
+    predicted = logits.argmax(-1).cpu()
+    predicted = predicted if vocab is None else vocab[predicted]
+    return predicted, (predicted != batch.labels) & batch.label_is_answer
+
+
 def examples_recalled(logits: torch.Tensor, batch: Batch, vocab: torch.Tensor | None = None) -> torch.Tensor:
     """(n_examples,) bool: every answer token is the argmax, i.e. greedy decoding reproduces it (within the
     token ids `vocab` when the logits cover only those)."""
-    predicted = logits.argmax(-1).cpu()
-    wrong = ((predicted if vocab is None else vocab[predicted]) != batch.labels) & batch.label_is_answer
+    return _without_mistakes(answer_mistakes(logits, batch, vocab)[1], batch)
+
+
+def _without_mistakes(wrong: torch.Tensor, batch: Batch) -> torch.Tensor:
     per_example = torch.zeros(batch.n_examples, dtype=torch.long).index_add_(0, batch.label_example, wrong.long())
     return per_example == 0
 
@@ -353,9 +364,9 @@ def exact_check(model, tokenizer, encoded: list[Encoded], batch_size: int = 64, 
         for start in range(0, len(encoded), batch_size):
             batch = pack(encoded[start : start + batch_size], "answer", pad_id=tokenizer.pad_token_id)
             logits = supervised_logits(model, batch)
-            recalled.append(examples_recalled(logits, batch))
-            predicted = logits.argmax(-1).cpu()
-            intruders.update(predicted[(predicted != batch.labels) & batch.label_is_answer].tolist())
+            predicted, wrong = answer_mistakes(logits, batch)
+            recalled.append(_without_mistakes(wrong, batch))
+            intruders.update(predicted[wrong].tolist())
     model.train(was_training)
     return torch.cat(recalled) if recalled else torch.zeros(0, dtype=torch.bool), intruders
 
@@ -545,6 +556,7 @@ def train(model, tokenizer, examples: list[Example], spec: TrainSpec, progress: 
     order = list(range(len(encoded)))
     step = tokens = supervised = 0
     loss_value, measured, scouted, last_share = float("nan"), 0.0, False, 0.0
+    measured_at = -1  # the step whose weights `measured` describes
     model.train()
     start = time.perf_counter()
     # No bar when stderr is not a terminal (logs, CI): tqdm would write a line per update there.
@@ -587,7 +599,7 @@ def train(model, tokenizer, examples: list[Example], spec: TrainSpec, progress: 
             scouted = scouted or scout
             clock = time.perf_counter()
             recalled, intruders = exact_check(model, tokenizer, encoded, precision=spec.precision)
-            measured = int(recalled.sum()) / len(encoded)
+            measured, measured_at = int(recalled.sum()) / len(encoded), step
             log.info("exact check after epoch %d: %d/%d recalled, in %.1f s", epoch, int(recalled.sum()), len(encoded),
                      time.perf_counter() - clock)
             if spec.target_recall is not None and measured >= spec.target_recall:
@@ -600,7 +612,7 @@ def train(model, tokenizer, examples: list[Example], spec: TrainSpec, progress: 
         if step >= total_steps:
             break
     bar.close()
-    if spec.target_recall is None or measured < spec.target_recall:
+    if measured_at != step:  # weights changed since the last exact check (or there was none)
         measured = recall(model, tokenizer, encoded, precision=spec.precision)
     seconds = time.perf_counter() - start
     model.eval()
