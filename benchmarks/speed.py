@@ -25,16 +25,17 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from loramem.answer import closed_book_prompt
 from loramem.bench import phonebook as pb
-from loramem.config import LoraSpec
+from loramem.config import LoraSpec, TrainSpec
 from loramem.models import load_base
-from loramem.train import (attached, autocast, cache_frozen_layers, candidate_vocab, encode, first_trainable_layer,
-                           pack, supervised_logits, use_bf16)
+from loramem.train import (_loss, attached, autocast, cache_frozen_layers, candidate_vocab, encode,
+                           first_trainable_layer, pack, use_bf16)
 
 from common import rotations
+
+NEXT_TOKEN = TrainSpec()  # the fast step's loss: train's next-token objective
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> float:
@@ -66,12 +67,11 @@ def baseline_step(model, tokenizer, encoded, optimizer) -> int:
 
 
 def fast_step(model, tokenizer, encoded, optimizer, bf16: bool, vocab: torch.Tensor | None = None) -> int:
-    """loramem's step; with `vocab`, the softmax runs over those candidate tokens only (TrainSpec.candidates)."""
+    """loramem's step (train's own loss); with `vocab`, the softmax runs over those candidate tokens only."""
     batch = pack(encoded, "answer", pad_id=tokenizer.pad_token_id)
     with autocast(bf16, torch.device("cpu")):
-        logits = supervised_logits(model, batch, vocab)
-    labels = batch.labels if vocab is None else torch.searchsorted(vocab, batch.labels)
-    F.cross_entropy(logits.float(), labels).backward()
+        loss, _ = _loss(model, batch, encoded, NEXT_TOKEN, vocab)
+    loss.backward()
     optimizer.step()
     optimizer.zero_grad()
     return len(batch.labels)
