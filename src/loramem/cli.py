@@ -40,12 +40,13 @@ TargetsOpt = typer.Option("all", "--targets", help="attention, ffn, all, or modu
 LayersOpt = typer.Option("all", "--layers", help="all, early, late, firstN, lastN, a-b or a list")
 LrOpt = typer.Option(TrainSpec.lr, "--lr", help="peak learning rate (AdamW)")
 EpochsOpt = typer.Option(TrainSpec.epochs, "--epochs", help="upper bound; training stops at the target recall")
-CandidatesOpt = typer.Option(TrainSpec.candidates, "--candidates", help="train on a softmax over the answers' tokens plus the base "
-                             "model's top K at each answer position (0: the whole vocabulary); the stopping check "
-                             "stays exact")
-FloorOpt = typer.Option(TrainSpec.lr_floor, "--lr-floor", help="the decay ends at this fraction of --lr and holds there until the "
-                        "target recall or the last epoch (0: decay to zero)")
-DecayOpt = typer.Option(TrainSpec.decay_epochs, "--decay-epochs", help="epochs the learning rate decays over (default: all)")
+CandidatesOpt = typer.Option(TrainSpec.candidates, "--candidates",
+                             help="train on a softmax over the answers' tokens plus the base model's top K at each "
+                             "answer position (0: the whole vocabulary); the stopping check stays exact")
+FloorOpt = typer.Option(TrainSpec.lr_floor, "--lr-floor", help="the decay ends at this fraction of --lr and holds there "
+                        "until the target recall or the last epoch (0: decay to zero)")
+DecayOpt = typer.Option(TrainSpec.decay_epochs, "--decay-epochs",
+                        help="epochs the learning rate decays over (default: all)")
 KeepOpt = typer.Option(None, "--memory", help="keep the modules in this memory (reruns reuse them)")
 OutOpt = typer.Option(None, "--out", help="also save the result as JSON here")
 ObjectiveOpt = typer.Option("ntp", "--objective", help="ntp (next-token loss on the synthetic data) or distill "
