@@ -30,8 +30,9 @@ from loramem.answer import closed_book_prompt
 from loramem.bench import phonebook as pb
 from loramem.config import LoraSpec, TrainSpec
 from loramem.models import load_base
-from loramem.train import (_loss, attached, autocast, cache_frozen_layers, candidate_vocab, encode,
-                           first_trainable_layer, pack, use_bf16)
+from loramem.precision import autocast, use_bf16
+from loramem.train import (_loss, attached, cache_frozen_layers, candidate_vocab, encode,
+                           first_trainable_layer, pack)
 
 from common import rotations
 
@@ -108,7 +109,7 @@ def main() -> None:
     args = parser.parse_args()
 
     base = load_base(args.model)
-    bf16 = use_bf16("auto", base.device)
+    bf16 = use_bf16("auto", base.model)
     spec = LoraSpec(rank=args.rank, targets=args.targets, layers=args.layers)
     result = {"model": args.model, "rank": args.rank, "targets": args.targets, "layers": args.layers,
               "batch_size": args.batch_size, "threads": torch.get_num_threads(), "precision": "bf16" if bf16 else "fp32"}

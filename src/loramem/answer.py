@@ -18,6 +18,7 @@ import torch
 
 from loramem.errors import LoramemError
 from loramem.merge import MergeCache
+from loramem.precision import autocast, use_bf16
 
 log = logging.getLogger("loramem")
 # The weights a question is answered with (base, one module, several merged), optionally with context in the
@@ -141,22 +142,25 @@ class _FirstLogits:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 24, batch_size: int = 16,
-             timing: Timing | None = None, counts: list | None = None) -> list[str]:
-    """Greedy completions, generated in left-padded batches; prefill and decode seconds add to `timing`, and
-    (prompt tokens, generated tokens before EOS) per prompt to `counts`."""
+             timing: Timing | None = None, counts: list | None = None, precision: str = "auto") -> list[str]:
+    """Greedy completions, generated in left-padded batches (under bf16 autocast where `precision` resolves to
+    bf16 on fp32 weights); prefill and decode seconds add to `timing`, and (prompt tokens, generated tokens
+    before EOS) per prompt to `counts`."""
     from transformers import LogitsProcessorList
 
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
+    bf16 = use_bf16(precision, model)
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         began, first = time.perf_counter(), _FirstLogits()
         enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
-        ids = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id, logits_processor=LogitsProcessorList([first]),
-        )
+        with autocast(bf16, device):
+            ids = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id, logits_processor=LogitsProcessorList([first]),
+            )
         generated = ids[:, enc.input_ids.shape[1]:]
         out += tokenizer.batch_decode(generated, skip_special_tokens=True)
         if counts is not None:

@@ -461,7 +461,7 @@ class Memory:
         return answers
 
     def score(self, examples: list[Example], module: str | list[str] | None = None, merge: str = "ties",
-              rivals: list[list[int]] | None = None) -> list[Scored]:
+              rivals: list[list[int]] | None = None, precision: str = "auto") -> list[Scored]:
         """Read each example's answer teacher-forced after its prompt, with the base weights (module None), one
         module, or several merged: per-token log-probabilities and whether greedy decoding reproduces it.
 
@@ -470,7 +470,7 @@ class Memory:
         ids = tuple(sorted(self._module_ids(module))) if module else ()
         styled = [render_example(self.base.tokenizer, e, self.prompt) for e in examples]
         with self._weights_applied(ids, merge, Timing()) as model:
-            return teacher_forced(model, self.base.tokenizer, styled, rivals=rivals)
+            return teacher_forced(model, self.base.tokenizer, styled, rivals=rivals, precision=precision)
 
     def _module_ids(self, module: str | list[str]) -> list[str]:
         """The ids of one module or a list of them, each given by id, id prefix or name."""

@@ -23,6 +23,7 @@ import torch
 
 from loramem.config import cache_dir
 from loramem.errors import LoramemError
+from loramem.precision import weights_dtype
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -70,12 +71,14 @@ def preferred_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def load_base(name: str = DEFAULT_MODEL, device: torch.device | None = None) -> Base:
-    """Load a base model by registry name, local Hugging Face folder or GGUF file path."""
+def load_base(name: str = DEFAULT_MODEL, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Base:
+    """Load a base model by registry name, local Hugging Face folder or GGUF file path.
+
+    By default the weights are bf16 on a GPU and fp32 on a CPU, where bf16 runs as autocast (loramem.precision);
+    `dtype` overrides it (the tests load bf16 weights on a CPU to run the GPU's path)."""
     folder = resolve(name)
     device = device or preferred_device()
-    # On a GPU the weights are kept in bf16; on a CPU in fp32 (see TrainSpec.precision).
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = dtype or weights_dtype(device)
     model, tokenizer = _load_folder(folder, dtype)
     model.to(device).eval()
     return Base(name=name, model=model, tokenizer=tokenizer, fingerprint=read_fingerprint(folder, model))

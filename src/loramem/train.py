@@ -20,7 +20,6 @@ The fast path, each trick checked against the plain path in tests/test_train.py:
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import random
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 
 from loramem.config import LoraSpec, TrainSpec
 from loramem.errors import LoramemError
+from loramem.precision import autocast, use_bf16
 
 log = logging.getLogger("loramem.train")
 
@@ -286,11 +286,34 @@ def _causal_lm(model):
 
 def answer_mistakes(logits: torch.Tensor, batch: Batch, vocab: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(argmax token id at each labelled position, mask of the answer positions where it is not the label);
-    `vocab` maps the argmax back to token ids when the logits cover only those."""
-    predicted = logits.argmax(-1).cpu()
+    """(greedy's pick at each labelled position, ties counted against the label (strict_argmax), mask of the
+    answer positions where it is not the label); `vocab` maps picks back to token ids when the logits cover
+    only those."""
+    labels = batch.labels if vocab is None else torch.searchsorted(vocab, batch.labels)
+    predicted = strict_argmax(logits, labels.to(logits.device)).cpu()
     predicted = predicted if vocab is None else vocab[predicted]
     return predicted, (predicted != batch.labels) & batch.label_is_answer
+
+
+# In bf16 a label must lead by this share of its logit's size (about 3 bf16 steps) to count as recalled: the
+# packed check and generation with a KV cache round differently, and a smaller lead flipped between them.
+BF16_MARGIN = 2.0 ** -6
+
+
+def strict_argmax(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The argmax at each position, except where another token ties the label (in bf16: comes within
+    BF16_MARGIN of it): then that token. A tie is not a recall: greedy decoding breaks it differently on another
+    path."""
+    predicted = logits.argmax(-1)
+    label_logit = logits.gather(-1, labels[:, None])
+    if logits.dtype == torch.bfloat16:
+        label_logit = label_logit - BF16_MARGIN * label_logit.abs().clamp(min=1.0)
+    tied = (logits >= label_logit).sum(-1) > 1
+    fix = tied & (predicted == labels)
+    if fix.any():
+        rivals = logits[fix].scatter(-1, labels[fix][:, None], float("-inf"))
+        predicted[fix] = rivals.argmax(-1)
+    return predicted
 
 
 def examples_recalled(logits: torch.Tensor, batch: Batch, vocab: torch.Tensor | None = None) -> torch.Tensor:
@@ -326,31 +349,6 @@ def _loss(model, batch: Batch, examples: list[Encoded], spec: TrainSpec, vocab: 
                         spec.distill_hidden_weight), logits
 
 
-def use_bf16(precision: str, device: torch.device) -> bool:
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return cpu_has_native_bf16()
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
-
-
-@contextmanager
-def autocast(enabled: bool, device: torch.device):
-    # On CUDA the base weights are already bf16 (models.load_base); autocast keeps the LoRA math there too.
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled):
-        yield
-
-
 @torch.no_grad()
 def exact_check(model, tokenizer, encoded: list[Encoded], batch_size: int = 64, precision: str = "auto"
                 ) -> tuple[torch.Tensor, set[int]]:
@@ -360,7 +358,7 @@ def exact_check(model, tokenizer, encoded: list[Encoded], batch_size: int = 64, 
     model.eval()
     device = _causal_lm(model).device
     recalled, intruders = [], set()
-    with autocast(use_bf16(precision, device), device):
+    with autocast(use_bf16(precision, model), device):
         for start in range(0, len(encoded), batch_size):
             batch = pack(encoded[start : start + batch_size], "answer", pad_id=tokenizer.pad_token_id)
             logits = supervised_logits(model, batch)
@@ -396,7 +394,7 @@ class Scored:
     """One continuation read teacher-forced: per answer token, its log-probability and the model's argmax."""
 
     logp: torch.Tensor  # (n_answer,)
-    argmax: torch.Tensor  # (n_answer,)
+    argmax: torch.Tensor  # (n_answer,) greedy's pick, a tie with the target counted as another token (strict_argmax)
     target: torch.Tensor  # (n_answer,)
     rivals: torch.Tensor | None = None  # log-probabilities of other tokens at the first answer position, when asked
 
@@ -408,23 +406,25 @@ class Scored:
 
 @torch.no_grad()
 def teacher_forced(model, tokenizer, examples: list[Example], batch_size: int = 64,
-                   rivals: list[list[int]] | None = None) -> list[Scored]:
+                   rivals: list[list[int]] | None = None, precision: str = "auto") -> list[Scored]:
     """Each example's answer scored token by token after its prompt (EOS not counted), in packed batches; with
     `rivals`, also the log-probabilities of those token ids where the answer's first token stands (one pass
     compares the answer with its alternatives)."""
     encoded = encode(tokenizer, examples)
     device = _causal_lm(model).device
     out = []
-    with autocast(use_bf16("auto", device), device):
+    with autocast(use_bf16(precision, model), device):
         for start in range(0, len(encoded), batch_size):
             batch = pack(encoded[start : start + batch_size], "answer", pad_id=tokenizer.pad_token_id)
-            logp = torch.log_softmax(supervised_logits(model, batch).float(), -1).cpu()
+            logits = supervised_logits(model, batch)
+            picks = strict_argmax(logits, batch.labels.to(logits.device)).cpu()
+            logp = torch.log_softmax(logits.float(), -1).cpu()
             picked = logp.gather(1, batch.labels[:, None])[:, 0]
             for i in range(batch.n_examples):
                 rows = (batch.label_example == i) & batch.label_is_answer
                 first = logp[rows][0]
                 rival = first[rivals[start + i]] if rivals is not None else None
-                out.append(Scored(picked[rows], logp[rows].argmax(-1), batch.labels[rows], rival))
+                out.append(Scored(picked[rows], picks[rows], batch.labels[rows], rival))
     return out
 
 
@@ -476,7 +476,7 @@ def teacher_targets(model, tokenizer, encoded: list[Encoded], context: str, spec
         return Encoded(lead + context_ids + e.ids[len(lead):], len(context_ids) + first, e.n_answer)
 
     disabled = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
-    with disabled, autocast(use_bf16(spec.precision, device), device):
+    with disabled, autocast(use_bf16(spec.precision, model), device):
         for group in _label_groups(encoded, max_labels):
             batch = pack([teacher_view(e) for e in group], "answer", pad_id=tokenizer.pad_token_id)
             logits, hidden = supervised_outputs(model, batch, distill_layers(spec))
@@ -526,7 +526,7 @@ def train(model, tokenizer, examples: list[Example], spec: TrainSpec, progress: 
         raise LoramemError("no training examples")
     encoded = encode(tokenizer, examples)
     device = _causal_lm(model).device
-    bf16 = use_bf16(spec.precision, device)
+    bf16 = use_bf16(spec.precision, model)
     if spec.objective == "distill":
         if not context:
             raise LoramemError("the distill objective needs the documents the module is written from")
