@@ -47,6 +47,8 @@ FloorOpt = typer.Option(TrainSpec.lr_floor, "--lr-floor", help="the decay ends a
                         "until the target recall or the last epoch (0: decay to zero)")
 DecayOpt = typer.Option(TrainSpec.decay_epochs, "--decay-epochs",
                         help="epochs the learning rate decays over (default: all)")
+PrecisionOpt = typer.Option("auto", "--precision", help="auto (bf16 where the hardware multiplies bf16 natively, "
+                            "else fp32), bf16 or fp32; for the whole run, as LORAMEM_PRECISION")
 KeepOpt = typer.Option(None, "--memory", help="keep the modules in this memory (reruns reuse them)")
 OutOpt = typer.Option(None, "--out", help="also save the result as JSON here")
 ObjectiveOpt = typer.Option("ntp", "--objective", help="ntp (next-token loss on the synthetic data) or distill "
@@ -65,6 +67,8 @@ def _options(verbose: bool = typer.Option(False, "--verbose", "-v", help="log pr
 def _specs(rank, alpha, targets, layers, lr, epochs, batch_size, seed, loss_on, target_recall,
            variants: str = "", objective: str = "ntp", candidates: int = 0, lr_floor: float = 0.0,
            decay_epochs: int | None = None) -> tuple[LoraSpec, TrainSpec]:
+    from loramem.precision import requested
+
     chosen = {v.strip() for v in variants.split(",") if v.strip()}
     if chosen - {"rslora", "dora", "pissa"}:
         raise LoramemError(f"unknown LoRA variant(s) {', '.join(sorted(chosen))}: choose from rslora, dora, pissa")
@@ -72,7 +76,8 @@ def _specs(rank, alpha, targets, layers, lr, epochs, batch_size, seed, loss_on, 
                     rslora="rslora" in chosen, dora="dora" in chosen, pissa="pissa" in chosen)
     recall = None if target_recall <= 0 else target_recall
     return lora, TrainSpec(lr=lr, epochs=epochs, batch_size=batch_size, seed=seed, loss_on=loss_on, target_recall=recall,
-                           objective=objective, candidates=candidates, lr_floor=lr_floor, decay_epochs=decay_epochs)
+                           objective=objective, candidates=candidates, lr_floor=lr_floor, decay_epochs=decay_epochs,
+                           precision=requested())
 
 
 def _table(title: str, rows: list[dict]) -> None:
@@ -84,8 +89,22 @@ def _table(title: str, rows: list[dict]) -> None:
     console.print(table)
 
 
-def _print_json(obj) -> None:
+def _print_json(obj, ran: bool = True) -> None:
+    """A --json result; one that ran a model also says at which precision and on what hardware."""
+    if ran and isinstance(obj, dict):
+        from loramem.precision import hardware, run_precision
+
+        obj = obj | {"precision": run_precision(), "hardware": hardware()}
     sys.stdout.write(json.dumps(obj, indent=1, default=str) + "\n")
+
+
+def _use_precision(precision: str) -> None:
+    """--precision: forces the whole run (training, answering, scoring, Ray tasks) through LORAMEM_PRECISION."""
+    from loramem.precision import ENV, check_precision, run_precision
+
+    if check_precision(precision) != "auto":
+        os.environ[ENV] = precision
+    run_precision()  # refuses bf16 on a device that cannot run it before anything is written
 
 
 @app.command()
@@ -131,8 +150,10 @@ def write(
     address: Optional[str] = typer.Option(None, help="ray: the cluster (auto, or ray://host:10001); "
                                           "default: a Ray started for this write"),
     as_json: bool = typer.Option(False, "--json"),
+    precision: str = PrecisionOpt,
 ):
     """Train memory modules on facts or documents and commit them into MEMORY."""
+    _use_precision(precision)
     from loramem.bench import phonebook as pb
     from loramem.executor import make_executor
     from loramem.memory import Memory, facts_from_file
@@ -261,10 +282,11 @@ def inspect(memory: Path = typer.Argument(...), as_json: bool = typer.Option(Fal
     rows = [{
         "id": m.id, "name": m.name, "base": m.base_model, "rank": m.lora_spec["rank"],
         "targets": m.lora_spec["targets"], "layers": m.lora_spec["layers"], "params": m.trainable_params,
-        "facts": m.n_examples, "train_tokens": m.train_tokens, "recall": m.recall, "created": m.created_at,
+        "facts": m.n_examples, "train_tokens": m.train_tokens, "recall": m.recall,
+        "precision": m.stats.get("precision"), "created": m.created_at,
     } for m in store.modules()]
     if as_json:
-        _print_json({"memory": str(memory), "base_model": store.base_model, "modules": rows})
+        _print_json({"memory": str(memory), "base_model": store.base_model, "modules": rows}, ran=False)
     elif rows:
         _table(f"{memory} ({store.base_model})", rows)
     else:
@@ -337,8 +359,10 @@ def bench_phonebook(
     data_dir: Optional[Path] = DataDirOpt,
     memory: Optional[Path] = typer.Option(None, help="keep the module in this memory (default: a temporary one)"),
     as_json: bool = typer.Option(False, "--json"),
+    precision: str = PrecisionOpt,
 ):
     """Write a PhoneBook into one module and score exact match."""
+    _use_precision(precision)
     from loramem.bench import phonebook as pb
     from loramem.memory import Memory
 
@@ -366,8 +390,10 @@ def bench_sectors(
     memory: Optional[Path] = KeepOpt,
     out: Optional[Path] = OutOpt,
     as_json: bool = typer.Option(False, "--json"),
+    precision: str = PrecisionOpt,
 ):
     """Multi-module PhoneBook: a module per sector (oracle and routed) against one big module, ICL and RAG."""
+    _use_precision(precision)
     from loramem.bench import phonebook as pb
     from loramem.memory import Memory
 
@@ -414,9 +440,11 @@ def bench_paperqa(
     memory: Optional[Path] = KeepOpt,
     out: Optional[Path] = OutOpt,
     as_json: bool = typer.Option(False, "--json"),
+    precision: str = PrecisionOpt,
 ):
     """The paper's format table: each paper's introduction written into a module in each format, its 30
     questions scored by ROUGE-L, BLEU, token F1 (and the judge)."""
+    _use_precision(precision)
     from loramem.bench import paperqa
     from loramem.synth import SynthSpec
 
@@ -453,9 +481,11 @@ def bench_paperqa_multi(
     memory: Optional[Path] = KeepOpt,
     out: Optional[Path] = OutOpt,
     as_json: bool = typer.Option(False, "--json"),
+    precision: str = PrecisionOpt,
 ):
     """PaperQA with one module per paper: oracle vs routed vs one module on all papers, merges over the top 3,
     and merging more modules with the gold one."""
+    _use_precision(precision)
     from loramem.answer import MERGE_METHODS
     from loramem.bench import paperqa
     from loramem.synth import SynthSpec
@@ -496,9 +526,11 @@ def bench_narrativeqa(
     memory: Optional[Path] = KeepOpt,
     out: Optional[Path] = OutOpt,
     as_json: bool = typer.Option(False, "--json"),
+    precision: str = PrecisionOpt,
 ):
     """NarrativeQA: context (none, icl, rag) against modules (none, one for all, routed top 1, top 3 merged),
     scored by ROUGE-L."""
+    _use_precision(precision)
     from loramem.bench import narrativeqa
     from loramem.synth import SynthSpec, parse_formats
 
@@ -613,11 +645,13 @@ def exp_capacity(dataset: str = DatasetOpt, ranks: Optional[str] = RanksOpt, siz
                  out: Path = StudyOutOpt, executor: str = ExecutorOpt, address: Optional[str] = AddressOpt,
                  data_dir: Optional[Path] = DataDirOpt,
                  floor: float = typer.Option(0.0, "--floor", help="skip a rank's larger sizes once one scored below "
-                                             "this (0: measure every cell)")):
+                                             "this (0: measure every cell)"),
+                 precision: str = PrecisionOpt):
     """Ranks x sizes: how much one module stores, and where it saturates."""
+    _use_precision(precision)
     from loramem.experiments import studies
 
-    cells = studies.capacity(studies.preset(preset, steps), dataset, _csv(ranks, int), _csv(sizes), model)
+    cells = studies.capacity(studies.preset(preset, steps, precision), dataset, _csv(ranks, int), _csv(sizes), model)
     _study("capacity", cells, out, executor, address, data_dir, floor)
 
 
@@ -629,12 +663,14 @@ def exp_placement(dataset: str = DatasetOpt, sizes: str = typer.Option("1K,2K", 
                                                            "preset's early and late sets)"),
                   targets: str = typer.Option("ffn,attention,all", "--targets"), preset: str = PresetOpt, steps: Optional[int] = StepsOpt,
                   model: str = typer.Option(DEFAULT_MODEL, "--model"), out: Path = StudyOutOpt,
-                  executor: str = ExecutorOpt, address: Optional[str] = AddressOpt, data_dir: Optional[Path] = DataDirOpt):
+                  executor: str = ExecutorOpt, address: Optional[str] = AddressOpt, data_dir: Optional[Path] = DataDirOpt,
+               precision: str = PrecisionOpt):
     """Early vs late layers x FFN / attention / all, at equal parameter budgets."""
+    _use_precision(precision)
     from loramem.experiments import studies
     from loramem.models import load_base
 
-    cells = studies.placement(studies.preset(preset, steps), dataset, _csv(sizes), budget_rank, load_base(model),
+    cells = studies.placement(studies.preset(preset, steps, precision), dataset, _csv(sizes), budget_rank, load_base(model),
                               _csv(targets), _csv(layer_sets))
     _study("placement", cells, out, executor, address, data_dir)
 
@@ -644,11 +680,13 @@ def exp_variants(dataset: str = DatasetOpt, ranks: str = typer.Option("1,4", "--
                  sizes: str = typer.Option("1K,2K,4K", "--sizes"),
                  variants: str = typer.Option("lora,rslora,dora,pissa", "--variants"), preset: str = PresetOpt, steps: Optional[int] = StepsOpt,
                  model: str = typer.Option(DEFAULT_MODEL, "--model"), out: Path = StudyOutOpt,
-                 executor: str = ExecutorOpt, address: Optional[str] = AddressOpt, data_dir: Optional[Path] = DataDirOpt):
+                 executor: str = ExecutorOpt, address: Optional[str] = AddressOpt, data_dir: Optional[Path] = DataDirOpt,
+               precision: str = PrecisionOpt):
     """LoRA, rsLoRA, DoRA and PiSSA on the same cells."""
+    _use_precision(precision)
     from loramem.experiments import studies
 
-    cells = studies.variants(studies.preset(preset, steps), dataset, _csv(ranks, int), _csv(sizes), model, _csv(variants))
+    cells = studies.variants(studies.preset(preset, steps, precision), dataset, _csv(ranks, int), _csv(sizes), model, _csv(variants))
     _study("variants", cells, out, executor, address, data_dir)
 
 
@@ -657,11 +695,13 @@ def exp_scale(dataset: str = DatasetOpt, models: str = typer.Option("smollm2-135
                                                                     help="registry names or local HF folders"),
               ranks: str = typer.Option("1,4", "--ranks"), sizes: str = typer.Option("1K,2K,4K", "--sizes"),
               preset: str = PresetOpt, steps: Optional[int] = StepsOpt, out: Path = StudyOutOpt, executor: str = ExecutorOpt,
-              address: Optional[str] = AddressOpt, data_dir: Optional[Path] = DataDirOpt):
+              address: Optional[str] = AddressOpt, data_dir: Optional[Path] = DataDirOpt,
+               precision: str = PrecisionOpt):
     """The same capacity cells on several base models."""
+    _use_precision(precision)
     from loramem.experiments import studies
 
-    cells = studies.scale(studies.preset(preset, steps), dataset, _csv(models), _csv(ranks, int), _csv(sizes))
+    cells = studies.scale(studies.preset(preset, steps, precision), dataset, _csv(models), _csv(ranks, int), _csv(sizes))
     _study("scale", cells, out, executor, address, data_dir)
 
 
@@ -669,11 +709,13 @@ def exp_scale(dataset: str = DatasetOpt, models: str = typer.Option("smollm2-135
 def exp_budget(dataset: str = DatasetOpt, rank: int = typer.Option(1, "--rank"), size: str = typer.Option("4K", "--size"),
                steps: str = typer.Option("400,800,1600", "--steps"), preset: str = PresetOpt,
                model: str = typer.Option(DEFAULT_MODEL, "--model"), out: Path = StudyOutOpt,
-               executor: str = ExecutorOpt, address: Optional[str] = AddressOpt, data_dir: Optional[Path] = DataDirOpt):
+               executor: str = ExecutorOpt, address: Optional[str] = AddressOpt, data_dir: Optional[Path] = DataDirOpt,
+               precision: str = PrecisionOpt):
     """One cell trained for more and more steps: does more training remove the limit?"""
+    _use_precision(precision)
     from loramem.experiments import studies
 
-    cells = studies.budget(studies.preset(preset), dataset, rank, size, _csv(steps, int), model)
+    cells = studies.budget(studies.preset(preset, precision=precision), dataset, rank, size, _csv(steps, int), model)
     _study("budget", cells, out, executor, address, data_dir)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from loramem.bench.phonebook import parse_size
 from loramem.config import LoraSpec, TrainSpec
 from loramem.errors import LoramemError
+from loramem.precision import hardware
 
 DATASETS = ("phonebook", "counterfact")
 
@@ -73,7 +74,8 @@ def run_cell(cell: Cell, base=None, data_dir: str | Path | None = None, workdir:
         tokenizer = memory.base.tokenizer
         data_tokens = sum(len(tokenizer(item.line, add_special_tokens=False).input_ids) for item in items)
         if cell.dataset == "phonebook":
-            exact = sum(s.exact for s in memory.score(phonebook.examples(items), record.id))
+            exact = sum(s.exact for s in memory.score(phonebook.examples(items), record.id,
+                                                      precision=cell.train.precision))
             scores = {"score": exact / len(items), "exact_match": exact / len(items),
                       "bits_per_param": exact * BITS_PER_NUMBER / record.trainable_params}
         else:
@@ -84,6 +86,7 @@ def run_cell(cell: Cell, base=None, data_dir: str | Path | None = None, workdir:
                 "base_sha256": memory.base.fingerprint["weights_sha256"][:16], "items": len(items), "data_tokens": data_tokens,
                 "trainable_params": record.trainable_params, "tokens_per_param": data_tokens / record.trainable_params,
                 **scores, "train_recall": record.recall, "steps": record.stats["steps"],
+                "precision": record.stats["precision"], "hardware": hardware(memory.base.device),
                 "epochs": record.stats["epochs"], "train_seconds": record.train_seconds,
                 "cell_seconds": time.perf_counter() - started, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
 

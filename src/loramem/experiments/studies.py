@@ -60,12 +60,12 @@ PRESETS = {
 }
 
 
-def preset(name: str, steps: int | None = None) -> Preset:
-    """A preset by name, with every cell's step budget changed to `steps` when given."""
+def preset(name: str, steps: int | None = None, precision: str = "auto") -> Preset:
+    """A preset by name, with every cell's step budget changed to `steps` when given, trained at `precision`."""
     if name not in PRESETS:
         raise LoramemError(f"unknown preset {name!r}; choose {' or '.join(PRESETS)}")
     chosen = PRESETS[name]
-    return replace(chosen, train=replace(chosen.train, max_steps=steps)) if steps else chosen
+    return replace(chosen, train=replace(chosen.train, max_steps=steps or chosen.train.max_steps, precision=precision))
 
 
 # --- the studies ----------------------------------------------------------------------------------------
