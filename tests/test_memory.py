@@ -262,7 +262,7 @@ def test_score_reads_answers_teacher_forced_with_and_without_the_module(written,
     # the log-probabilities are those of a plain forward pass over prompt + answer
     ids = tiny.tokenizer(facts[0].prompt).input_ids
     answer = tiny.tokenizer(facts[0].answer, add_special_tokens=False).input_ids
-    with torch.no_grad(), autocast(use_bf16("auto", tiny.device), tiny.device):  # scoring's precision
+    with torch.no_grad(), autocast(use_bf16("auto", tiny.model), tiny.device):  # scoring's precision
         logp = torch.log_softmax(tiny.model(input_ids=torch.tensor([ids + answer])).logits[0].float(), -1)
     expected = logp[len(ids) - 1 : len(ids) + len(answer) - 1].gather(1, torch.tensor(answer)[:, None])[:, 0]
     torch.testing.assert_close(without[0].logp, expected, rtol=1e-4, atol=1e-4)
