@@ -98,13 +98,15 @@ def _print_json(obj, ran: bool = True) -> None:
     sys.stdout.write(json.dumps(obj, indent=1, default=str) + "\n")
 
 
-def _use_precision(precision: str) -> None:
-    """--precision: forces the whole run (training, answering, scoring, Ray tasks) through LORAMEM_PRECISION."""
-    from loramem.precision import ENV, check_precision, run_precision
+def _use_precision(precision: str) -> str:
+    """--precision: forces the whole run (training, answering, scoring) through LORAMEM_PRECISION; returns the
+    request (the option, else the variable) for the specs that Ray tasks carry, as _specs reads it."""
+    from loramem.precision import ENV, check_precision, requested, run_precision
 
     if check_precision(precision) != "auto":
         os.environ[ENV] = precision
     run_precision()  # refuses bf16 on a device that cannot run it before anything is written
+    return requested()
 
 
 @app.command()
@@ -648,7 +650,7 @@ def exp_capacity(dataset: str = DatasetOpt, ranks: Optional[str] = RanksOpt, siz
                                              "this (0: measure every cell)"),
                  precision: str = PrecisionOpt):
     """Ranks x sizes: how much one module stores, and where it saturates."""
-    _use_precision(precision)
+    precision = _use_precision(precision)
     from loramem.experiments import studies
 
     cells = studies.capacity(studies.preset(preset, steps, precision), dataset, _csv(ranks, int), _csv(sizes), model)
@@ -666,7 +668,7 @@ def exp_placement(dataset: str = DatasetOpt, sizes: str = typer.Option("1K,2K", 
                   executor: str = ExecutorOpt, address: Optional[str] = AddressOpt, data_dir: Optional[Path] = DataDirOpt,
                precision: str = PrecisionOpt):
     """Early vs late layers x FFN / attention / all, at equal parameter budgets."""
-    _use_precision(precision)
+    precision = _use_precision(precision)
     from loramem.experiments import studies
     from loramem.models import load_base
 
@@ -683,7 +685,7 @@ def exp_variants(dataset: str = DatasetOpt, ranks: str = typer.Option("1,4", "--
                  executor: str = ExecutorOpt, address: Optional[str] = AddressOpt, data_dir: Optional[Path] = DataDirOpt,
                precision: str = PrecisionOpt):
     """LoRA, rsLoRA, DoRA and PiSSA on the same cells."""
-    _use_precision(precision)
+    precision = _use_precision(precision)
     from loramem.experiments import studies
 
     cells = studies.variants(studies.preset(preset, steps, precision), dataset, _csv(ranks, int), _csv(sizes), model, _csv(variants))
@@ -698,7 +700,7 @@ def exp_scale(dataset: str = DatasetOpt, models: str = typer.Option("smollm2-135
               address: Optional[str] = AddressOpt, data_dir: Optional[Path] = DataDirOpt,
                precision: str = PrecisionOpt):
     """The same capacity cells on several base models."""
-    _use_precision(precision)
+    precision = _use_precision(precision)
     from loramem.experiments import studies
 
     cells = studies.scale(studies.preset(preset, steps, precision), dataset, _csv(models), _csv(ranks, int), _csv(sizes))
@@ -712,7 +714,7 @@ def exp_budget(dataset: str = DatasetOpt, rank: int = typer.Option(1, "--rank"),
                executor: str = ExecutorOpt, address: Optional[str] = AddressOpt, data_dir: Optional[Path] = DataDirOpt,
                precision: str = PrecisionOpt):
     """One cell trained for more and more steps: does more training remove the limit?"""
-    _use_precision(precision)
+    precision = _use_precision(precision)
     from loramem.experiments import studies
 
     cells = studies.budget(studies.preset(preset, precision=precision), dataset, rank, size, _csv(steps, int), model)

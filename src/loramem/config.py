@@ -19,6 +19,8 @@ TARGET_GROUPS = {
 }
 
 
+PRECISIONS = ("auto", "bf16", "fp32")  # what loramem.precision resolves
+
 @dataclass
 class LoraSpec:
     """What one memory module looks like.
@@ -200,7 +202,7 @@ class TrainSpec:
             raise LoramemError("candidates applies to the ntp objective only (distill already keeps the teacher's top k)")
         if self.b_lr_ratio <= 0:
             raise LoramemError(f"b_lr_ratio must be positive, got {self.b_lr_ratio}")
-        if self.precision not in ("auto", "bf16", "fp32"):
+        if self.precision not in PRECISIONS:
             raise LoramemError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.objective not in OBJECTIVES:
             raise LoramemError(f"objective must be {' or '.join(OBJECTIVES)}, got {self.objective!r}")

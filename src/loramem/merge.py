@@ -393,11 +393,8 @@ class _WithLowRank:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = self.forward(x)
         flat = out.view(-1, out.shape[-1])
-        down = x.reshape(-1, x.shape[-1]).mm(self.a_t)
-        if flat.dtype == down.dtype == self.b_t.dtype:
-            flat.addmm_(down, self.b_t)
-        else:  # under bf16 autocast the layer's output is bf16 while the factors keep the weights' fp32
-            flat.addmm_(down.to(flat.dtype), self.b_t.to(flat.dtype))
+        # under bf16 autocast the output is bf16 while the factors keep the weights' fp32 (else .to is a no-op)
+        flat.addmm_(x.reshape(-1, x.shape[-1]).mm(self.a_t).to(flat.dtype), self.b_t.to(flat.dtype))
         return out
 
 

@@ -23,7 +23,7 @@ import torch
 
 from loramem.config import cache_dir
 from loramem.errors import LoramemError
-from loramem.precision import weights_dtype
+from loramem.precision import preferred_device, weights_dtype
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -65,10 +65,6 @@ class Base:
     @property
     def num_layers(self) -> int:
         return self.model.config.num_hidden_layers
-
-
-def preferred_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def load_base(name: str = DEFAULT_MODEL, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Base:

@@ -15,10 +15,11 @@ from contextlib import contextmanager
 
 import torch
 
+from loramem.config import PRECISIONS
 from loramem.errors import LoramemError
 
-PRECISIONS = ("auto", "bf16", "fp32")
 ENV = "LORAMEM_PRECISION"
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # the CPU features of a native bf16 matmul
 
 
 def check_precision(precision: str) -> str:
@@ -79,20 +80,24 @@ def _cpu_flags() -> frozenset[str]:
 
 def cpu_bf16_flags() -> tuple[str, ...]:
     """The CPU's native bf16 matmul features (from /proc/cpuinfo; none where it cannot be read)."""
-    return tuple(f for f in ("avx512_bf16", "amx_bf16") if f in _cpu_flags())
+    return tuple(f for f in BF16_FLAGS if f in _cpu_flags())
+
+
+def preferred_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def run_precision() -> str:
     """The precision this process runs at on its preferred device with the weights it loads there."""
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = preferred_device()
     return resolve("auto", device, weights_dtype(device))
 
 
 def hardware(device: torch.device | None = None) -> dict:
     """What a result ran on, for every --json result: the device, its name, the CPU's vector features."""
-    device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    device = device or preferred_device()
     info = {"device": device.type, "cpu": platform.processor() or platform.machine(),
-            "cpu_features": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in _cpu_flags()],
+            "cpu_features": [f for f in ("avx2", "avx512f", *BF16_FLAGS) if f in _cpu_flags()],
             "threads": torch.get_num_threads()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

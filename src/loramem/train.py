@@ -290,7 +290,7 @@ def answer_mistakes(logits: torch.Tensor, batch: Batch, vocab: torch.Tensor | No
     answer positions where it is not the label); `vocab` maps picks back to token ids when the logits cover
     only those."""
     labels = batch.labels if vocab is None else torch.searchsorted(vocab, batch.labels)
-    predicted = strict_argmax(logits, labels.to(logits.device)).cpu()
+    predicted = strict_argmax(logits, labels).cpu()
     predicted = predicted if vocab is None else vocab[predicted]
     return predicted, (predicted != batch.labels) & batch.label_is_answer
 
@@ -304,6 +304,7 @@ def strict_argmax(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The argmax at each position, except where another token ties the label (in bf16: comes within
     BF16_MARGIN of it): then that token. A tie is not a recall: greedy decoding breaks it differently on another
     path."""
+    labels = labels.to(logits.device)
     predicted = logits.argmax(-1)
     label_logit = logits.gather(-1, labels[:, None])
     if logits.dtype == torch.bfloat16:
@@ -417,7 +418,7 @@ def teacher_forced(model, tokenizer, examples: list[Example], batch_size: int = 
         for start in range(0, len(encoded), batch_size):
             batch = pack(encoded[start : start + batch_size], "answer", pad_id=tokenizer.pad_token_id)
             logits = supervised_logits(model, batch)
-            picks = strict_argmax(logits, batch.labels.to(logits.device)).cpu()
+            picks = strict_argmax(logits, batch.labels).cpu()
             logp = torch.log_softmax(logits.float(), -1).cpu()
             picked = logp.gather(1, batch.labels[:, None])[:, 0]
             for i in range(batch.n_examples):
