@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import torch
 
 from loramem.errors import LoramemError
 from loramem.merge import MergeCache
+from loramem.packed import packed_linears
 from loramem.precision import autocast, use_bf16
 
 log = logging.getLogger("loramem")
@@ -142,10 +143,15 @@ class _FirstLogits:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 24, batch_size: int = 16,
-             timing: Timing | None = None, counts: list | None = None, precision: str = "auto") -> list[str]:
+             timing: Timing | None = None, counts: list | None = None, precision: str = "auto",
+             pack: bool = True) -> list[str]:
     """Greedy completions, generated in left-padded batches (under bf16 autocast where `precision` resolves to
     bf16 on fp32 weights); prefill and decode seconds add to `timing`, and (prompt tokens, generated tokens
-    before EOS) per prompt to `counts`."""
+    before EOS) per prompt to `counts`.
+
+    In bf16 on a CPU the linear layers run through bf16 weights packed once and kept between calls
+    (packed.packed_linears: the same answers bit for bit, ~2x faster at batch 1); `pack=False` runs them as
+    autocast does, casting every weight again in each call (for comparison)."""
     from transformers import LogitsProcessorList
 
     tokenizer.padding_side = "left"
@@ -156,7 +162,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 24, bat
         chunk = prompts[start : start + batch_size]
         began, first = time.perf_counter(), _FirstLogits()
         enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
-        with autocast(bf16, device):
+        with autocast(bf16, device), packed_linears(model) if bf16 and pack else nullcontext():
             ids = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id, logits_processor=LogitsProcessorList([first]),
