@@ -1,14 +1,14 @@
 """Greedy decoding speed of `answer.generate`, today's path against packed bf16 weights, in one run.
 
-    python benchmarks/decode.py MEMORY [--rounds 5] [--threads N] [--static] [--json]
+    python benchmarks/decode.py MEMORY [--rounds 5] [--threads N] [--static] [--fp32] [--json]
     python benchmarks/decode.py MEMORY --ask [--baseline-src DIR] [--rounds 5] [--json]
 
 MEMORY holds at least one module (e.g. a PhoneBook memory: `loramem write pb.mem --phonebook 1K`); its first
-module's own questions are asked. Interleaved rounds (rotating order) of: batch 1 (8 questions one by one) and batch
+module's own questions are asked. Interleaved rounds (rotating order) of: batch 1 (4 questions one by one) and batch
 16 (16 questions at once); with the base weights, the module (its factors beside the weights, prepared once) and a
 cached merge (the module TIES-merged with itself: merged weights swapped in, the merge computed once); in bf16
 autocast today (`pack=False`: every weight cast again in each call), with packed bf16 weights (`pack=True`, the
-default), optionally with transformers' static cache (--static), and in fp32. Answer tokens per second: answer
+default), optionally with transformers' static cache (--static) and in fp32 (--fp32). Answer tokens per second: answer
 tokens (up to EOS) over the call's seconds (prefill + decode), and over the decode seconds alone; medians, ratios
 to today, and whether every answer is the same as today's. The bound: bytes of weights read per decoding step
 (every linear weight once, bf16 or fp32) over the memory bandwidth measured in the same rounds (the sum of a
@@ -38,7 +38,7 @@ from loramem.precision import ENV, hardware
 
 from common import open_memory, rotations
 
-BATCHES = {1: 8, 16: 16}  # batch size -> questions asked per measurement
+BATCHES = {1: 4, 16: 16}  # batch size -> questions asked per measurement
 STAGES = Path(__file__).with_name("decode_stages.py")
 
 
@@ -88,7 +88,9 @@ def decode_speed(args, parser) -> dict:
     weights = {"base": lambda: nullcontext(),
                "module": lambda: modules_applied(model, [folder], "linear", caches=caches),
                "merge": lambda: modules_applied(model, [folder, folder], "ties", caches=caches)}
-    paths = {"today": ("bf16", False, False), "packed": ("bf16", True, False), "fp32": ("fp32", False, False)}
+    paths = {"today": ("bf16", False, False), "packed": ("bf16", True, False)}
+    if args.fp32:
+        paths["fp32"] = ("fp32", False, False)
     if args.static:
         paths["static"] = ("bf16", False, True)
         paths["packed+static"] = ("bf16", True, True)
@@ -102,8 +104,9 @@ def decode_speed(args, parser) -> dict:
         with weights[w]():
             return measure(model, tokenizer, prompts[:BATCHES[b]], b, *paths[p])
 
-    for cell in cells:
-        run(cell)  # warm-up: factors prepared, merges computed, packed weights made, oneDNN kernels created
+    for w, b, p in cells:  # warm-up: factors prepared, merges computed, packed weights made, oneDNN kernels created
+        with weights[w]():
+            measure(model, tokenizer, prompts[:b], b, *paths[p])
     for order in rotations([str(i) for i in range(len(cells))], args.rounds):
         bandwidth.append(bandwidth_gbs(big))
         for i in order:
@@ -175,6 +178,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--static", action="store_true", help="also transformers' static cache")
+    parser.add_argument("--fp32", action="store_true", help="also fp32 (today's path: nothing is packed in fp32)")
     parser.add_argument("--ask", action="store_true", help="time `loramem ask` end to end instead")
     parser.add_argument("--baseline-src", default=None, help="--ask: the src folder of the code to compare with")
     parser.add_argument("--json", action="store_true")
