@@ -88,7 +88,7 @@ def main() -> None:
     ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
     layers = len(factors)
     with tempfile.TemporaryDirectory() as tmp:
-        with attached(model, LoraSpec(rank=4)) as peft_model:
+        with attached(model, LoraSpec(rank=4, layers="all")) as peft_model:
             save_adapter(peft_model, Path(tmp))
         entries: dict[str, list[float]] = {"read": [], "prepared": []}
         cache = MergeCache(1)

@@ -63,7 +63,7 @@ def main() -> None:
         print("==", recipe, flush=True)
         start = time.perf_counter()  # wall time includes initialising the adapter, caching frozen layers, recall checks
         spec = TrainSpec(**kw)
-        with attached(base.model, LoraSpec(rank=4, **lora_kw)) as model:
+        with attached(base.model, LoraSpec(rank=4, **({"layers": "all"} | lora_kw))) as model:
             if start_from == "gradient":
                 start_on_gradient(model, base.tokenizer, examples, spec)
             st = train(model, base.tokenizer, examples, spec, progress=False)

@@ -215,7 +215,7 @@ def answer_latency(base, rank: int, reps: int) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        with attached(base.model, LoraSpec(rank=rank)) as model:
+        with attached(base.model, LoraSpec(rank=rank, layers="all")) as model:
             _randomise(model)
             save_adapter(model, folder)
             unmerged = _median(lambda: answer(model), reps)
@@ -243,7 +243,7 @@ def merge_latency(base, rank: int, reps: int) -> dict:
                                merged_weights)
     from loramem.ties_fused import ties_merged_weights
 
-    spec = LoraSpec(rank=rank)
+    spec = LoraSpec(rank=rank, layers="all")
     scale = spec.lora_alpha / rank
     states = []
     for seed in range(3):

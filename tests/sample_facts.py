@@ -10,3 +10,8 @@ SIX_FACTS = facts_from_text(
     "Question: What is the phone number of Ed Brandt? Answer: 415-560-3309\n"
     "Question: What is the phone number of Flo Quist? Answer: 509-670-4410\n"
 )
+
+# The recipe the tiny-model tests that expect exact recall were written for: every layer, a linear decay to zero, the
+# whole-vocabulary softmax. The defaults (layers "auto", a held floor, a candidate softmax) are calibrated on SmolLM2;
+# the tiny random model's 64-wide layers hold far less per layer, and its tests train a step or two per epoch.
+LINEAR_TO_ZERO = dict(decay_epochs=None, lr_floor=0.0, candidates=0)

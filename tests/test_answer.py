@@ -8,7 +8,7 @@ from loramem.train import attached, save_adapter
 
 
 def _random_module(tiny, folder, seed: int, **spec):
-    with attached(tiny.model, LoraSpec(rank=4, **spec), seed=seed) as peft_model:
+    with attached(tiny.model, LoraSpec(rank=4, **({"layers": "all"} | spec)), seed=seed) as peft_model:
         gen = torch.Generator().manual_seed(seed)
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:

@@ -28,6 +28,7 @@ from loramem.cli import main
 from loramem.corpus import DEFAULT_MAX_BYTES, SUPPORTED_SUFFIXES
 from loramem.models import resolve
 from loramem.store import Store
+from sample_facts import LINEAR_TO_ZERO
 
 FACT = "Question: What is the phone number of Ann Lee? Answer: 603-556-7631\n"
 QUESTION = "What is the phone number of Ann Lee?"
@@ -61,7 +62,7 @@ def written(tiny, tmp_path_factory) -> Path:
     """A memory with one committed module that has learned FACT, and its routing indexes built."""
     path = tmp_path_factory.mktemp("bad-input") / "m.mem"
     memory = Memory.open(path, create=True, base=tiny)
-    record = memory.write(facts_from_text(FACT), LoraSpec(rank=8), TrainSpec(lr=1e-2, epochs=80, batch_size=2),
+    record = memory.write(facts_from_text(FACT), LoraSpec(rank=8, layers="all"), TrainSpec(lr=1e-2, epochs=80, batch_size=2, **LINEAR_TO_ZERO),
                           progress=False)
     assert record.recall == 1.0
     # The indexes are a cache, built by the first routed question; today they are built before top-k is

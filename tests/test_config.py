@@ -36,7 +36,7 @@ def test_spec_to_peft_config():
     assert set(config.target_modules) == {"gate_proj", "up_proj", "down_proj"}
     assert config.layers_to_transform == list(range(20, 30))
     assert config.init_lora_weights == "pissa"
-    assert LoraSpec(rank=4).to_peft(30).lora_alpha == 8
+    assert LoraSpec(rank=4, layers="all").to_peft(30).lora_alpha == 8
 
 
 def test_spec_builds_adapters_only_where_asked(tiny):
@@ -55,10 +55,22 @@ def test_bad_train_settings(kw):
         TrainSpec(**kw)
 
 
-def test_later_settings_at_their_defaults_keep_module_ids():
+def test_later_settings_at_their_old_defaults_keep_module_ids():
+    before = dict(candidates=0, decay_epochs=None, lr_floor=0.0)  # what a module had before the options existed
     for key, value in (("candidates", 32), ("decay_epochs", 10), ("lr_floor", 0.1)):
-        assert key not in TrainSpec().to_dict()  # ids of modules written before the option existed stay valid
-        assert TrainSpec(**{key: value}).to_dict()[key] == value
+        assert key not in TrainSpec(**before).to_dict()  # ids of modules written before the option existed stay valid
+        assert TrainSpec(**before | {key: value}).to_dict()[key] == value
+
+
+def test_the_defaults_are_the_fast_recipe_and_candidates_follow_the_objective():
+    spec = TrainSpec()
+    assert (spec.lr, spec.epochs, spec.decay_epochs, spec.lr_floor, spec.candidates) == (1e-2, 60, 30, 0.1, 32)
+    assert spec.to_dict()["candidates"] == 32
+    assert TrainSpec(objective="distill").candidates == 0  # distill keeps the teacher's top k instead
+    assert TrainSpec(candidates=0).candidates == 0
+    assert LoraSpec().layers == "auto"
+    with pytest.raises(LoramemError, match='layers "auto" is resolved from the data'):
+        LoraSpec().layer_indices(30)
 
 
 def test_data_dir_setting(tmp_path, monkeypatch):

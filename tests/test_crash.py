@@ -239,7 +239,7 @@ def test_a_second_writer_is_refused_while_the_first_writes(tmp_path, tiny):
     memory = tmp_path / "m.mem"
     first_fact, second_fact, third_fact = FACTS.splitlines(keepends=True)[:3]
     mem = Memory.open(memory, create=True, base=tiny)
-    committed = mem.write(facts_from_text(first_fact), LoraSpec(rank=4), TrainSpec(epochs=1), progress=False)
+    committed = mem.write(facts_from_text(first_fact), LoraSpec(rank=4, layers="all"), TrainSpec(epochs=1), progress=False)
     before = snapshot(memory)
     (tmp_path / "b.txt").write_text(second_fact)
     (tmp_path / "c.txt").write_text(third_fact)
@@ -262,7 +262,7 @@ def test_a_second_writer_is_refused_while_the_first_writes(tmp_path, tiny):
     assert snapshot(memory) == before  # neither writer changed the memory
     # The killed writer's lock file does not block the next writer.
     mem = Memory.open(memory, base=tiny)
-    mem.write(facts_from_text(third_fact), LoraSpec(rank=4), TrainSpec(epochs=1), progress=False)
+    mem.write(facts_from_text(third_fact), LoraSpec(rank=4, layers="all"), TrainSpec(epochs=1), progress=False)
     assert len(mem.modules()) == 2 and not lock_file(memory).exists()
 
 

@@ -10,7 +10,7 @@ from loramem.bench import phonebook as pb
 def test_bundled_model_memorises_a_small_phonebook(smollm, tmp_path, monkeypatch):
     monkeypatch.delenv("LORAMEM_DATA", raising=False)
     memory = Memory.open(tmp_path / "pb.mem", create=True, base=smollm)
-    result = pb.run(memory, "6", LoraSpec(rank=4), progress=False)
+    result = pb.run(memory, "6", LoraSpec(rank=4, layers="all"), progress=False)
     assert result["entries"] == 6
     assert result["exact_match"] == 1.0
     base_score, _ = pb.evaluate(memory, pb.load("6"), mode="base")

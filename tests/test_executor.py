@@ -14,13 +14,13 @@ from loramem.errors import LoramemError
 from loramem.executor import InProcess, make_executor
 from loramem.synth import SynthSpec
 from loramem.train import Example
-from sample_facts import SIX_FACTS as FACTS
+from sample_facts import SIX_FACTS as FACTS, LINEAR_TO_ZERO
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
-LORA = LoraSpec(rank=4)
-FAST = TrainSpec(lr=1e-2, epochs=10, batch_size=2)
+LORA = LoraSpec(rank=4, layers="all")
+FAST = TrainSpec(lr=1e-2, epochs=10, batch_size=2, **LINEAR_TO_ZERO)
 SHARD_TOKENS = 60  # two facts a shard: three modules
 
 

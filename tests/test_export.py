@@ -24,7 +24,7 @@ FULL_RANK = 64  # the tiny model's hidden size: no layer's delta has a higher ra
 def memory(tiny, tmp_path_factory):
     memory = Memory.open(tmp_path_factory.mktemp("export") / "m.mem", create=True, base=tiny)
     spec = TrainSpec(lr=1e-2, epochs=30, batch_size=2)
-    records = list(memory.write_shards(FACTS, 60, LoraSpec(rank=4), spec, progress=False))
+    records = list(memory.write_shards(FACTS, 60, LoraSpec(rank=4, layers="all"), spec, progress=False))
     assert len(records) == 3
     return memory
 

@@ -7,9 +7,10 @@ from loramem import LoraSpec, Memory, TrainSpec, facts_from_file, facts_from_tex
 from loramem.errors import LoramemError
 from loramem.precision import autocast, use_bf16
 from loramem.train import Example
+from sample_facts import LINEAR_TO_ZERO
 
 FACTS = "Question: What is the phone number of Ann Lee? Answer: 603-556-7631\nQuestion: What is the phone number of Bo Kim? Answer: 705-882-9365\n"
-FAST = TrainSpec(lr=1e-2, epochs=80, batch_size=2)
+FAST = TrainSpec(lr=1e-2, epochs=80, batch_size=2, **LINEAR_TO_ZERO)
 
 
 def test_facts_parsing():
@@ -33,7 +34,7 @@ def test_bad_facts_files(tmp_path, content, message):
 def written(tiny, tmp_path_factory):
     path = tmp_path_factory.mktemp("mem") / "facts.mem"
     memory = Memory.open(path, create=True, base=tiny)
-    record = memory.write(facts_from_text(FACTS), lora=LoraSpec(rank=8), train_spec=FAST, progress=False)
+    record = memory.write(facts_from_text(FACTS), lora=LoraSpec(rank=8, layers="all"), train_spec=FAST, progress=False)
     return memory, record
 
 
@@ -86,7 +87,7 @@ def test_a_modules_factors_are_read_once_for_many_answers(written, monkeypatch):
 
 def test_same_write_again_is_skipped(written):
     memory, record = written
-    again = memory.write(facts_from_text(FACTS), lora=LoraSpec(rank=8), train_spec=FAST, progress=False)
+    again = memory.write(facts_from_text(FACTS), lora=LoraSpec(rank=8, layers="all"), train_spec=FAST, progress=False)
     assert again.id == record.id and len(memory.modules()) == 1
 
 
@@ -128,7 +129,7 @@ def test_failed_write_leaves_no_memory(tiny, tmp_path):
 def test_write_into_an_empty_folder_made_for_it(tiny, tmp_path):
     (tmp_path / "made").mkdir()
     memory = Memory.open(tmp_path / "made", create=True, base=tiny)
-    memory.write(facts_from_text(FACTS), lora=LoraSpec(rank=8), train_spec=FAST, progress=False)
+    memory.write(facts_from_text(FACTS), lora=LoraSpec(rank=8, layers="all"), train_spec=FAST, progress=False)
     assert len(Memory.open(tmp_path / "made", base=tiny).modules()) == 1
 
 
@@ -142,7 +143,7 @@ SHARDS = [
 @pytest.fixture(scope="module")
 def sharded(tiny, tmp_path_factory):
     memory = Memory.open(tmp_path_factory.mktemp("mem") / "shards.mem", create=True, base=tiny)
-    records = [memory.write(facts_from_text(text), lora=LoraSpec(rank=8), train_spec=FAST, name=f"shard-{i}",
+    records = [memory.write(facts_from_text(text), lora=LoraSpec(rank=8, layers="all"), train_spec=FAST, name=f"shard-{i}",
                             progress=False) for i, text in enumerate(SHARDS)]
     return memory, records
 
@@ -204,7 +205,7 @@ def test_empty_memory_asks_clearly(tiny, tmp_path):
 def test_facts_sharded_by_tokens(tiny, tmp_path):
     memory = Memory.open(tmp_path / "sharded.mem", create=True, base=tiny)
     facts = facts_from_text("".join(SHARDS))  # six facts of ~25 tokens each
-    records = list(memory.write_shards(facts, 60, LoraSpec(rank=4), TrainSpec(epochs=1), progress=False))
+    records = list(memory.write_shards(facts, 60, LoraSpec(rank=4, layers="all"), TrainSpec(epochs=1), progress=False))
     assert [r.n_examples for r in records] == [2, 2, 2] and [r.name for r in records] == ["shard-0", "shard-1", "shard-2"]
     assert [m.id for m in memory.modules()] == [r.id for r in records]
     with pytest.raises(LoramemError, match="at least 1 token"):
@@ -215,15 +216,15 @@ def test_shards_are_even_with_no_runt(tiny, tmp_path):
     memory = Memory.open(tmp_path / "even.mem", create=True, base=tiny)
     facts = facts_from_text("".join(f"Question: What is the code of room {i}? Answer: {i}{i}{i}\n" for i in range(9)))
     per_fact = max(len(tiny.tokenizer(e.prompt + e.answer, add_special_tokens=False).input_ids) for e in facts)
-    records = list(memory.write_shards(facts, 4 * per_fact, LoraSpec(rank=2), TrainSpec(epochs=1), progress=False))
+    records = list(memory.write_shards(facts, 4 * per_fact, LoraSpec(rank=2, layers="all"), TrainSpec(epochs=1), progress=False))
     assert [r.n_examples for r in records] == [3, 3, 3]  # not 4, 4, 1
 
 
 def test_chat_prompts_are_trained_and_answered_alike(tiny, tmp_path):
     memory = Memory.open(tmp_path / "chat.mem", create=True, base=tiny, prompt="chat")
     # Trained past the first exact recall so that merged and unmerged float rounding cannot flip a near tie.
-    spec = TrainSpec(lr=1e-2, epochs=60, batch_size=2, target_recall=None)
-    record = memory.write(facts_from_text(FACTS), lora=LoraSpec(rank=8), train_spec=spec, progress=False)
+    spec = TrainSpec(lr=1e-2, epochs=60, batch_size=2, target_recall=None, **LINEAR_TO_ZERO)
+    record = memory.write(facts_from_text(FACTS), lora=LoraSpec(rank=8, layers="all"), train_spec=spec, progress=False)
     assert record.recall == 1.0  # recall is measured on the chat-rendered prompts
     answer = memory.ask("What is the phone number of Ann Lee?")
     assert answer.text == "603-556-7631"
@@ -271,7 +272,7 @@ def test_score_reads_answers_teacher_forced_with_and_without_the_module(written,
 
 def test_score_puts_questions_in_the_memory_prompt_style(tiny, tmp_path):
     memory = Memory.open(tmp_path / "chat.mem", create=True, base=tiny, prompt="chat")
-    record = memory.write(facts_from_text(FACTS), lora=LoraSpec(rank=8), train_spec=FAST, progress=False)
+    record = memory.write(facts_from_text(FACTS), lora=LoraSpec(rank=8, layers="all"), train_spec=FAST, progress=False)
     assert record.recall == 1.0
     # stored plain, trained in the chat template: scoring the stored form reads it as it was trained
     assert all(s.exact for s in memory.score(facts_from_text(FACTS), record.id))

@@ -117,7 +117,7 @@ def test_peft_wrapped_layers_are_left_alone(tiny):
     from loramem.config import LoraSpec
     from loramem.train import attached
 
-    with attached(tiny.model, LoraSpec(rank=2)) as peft_model, packed_linears(peft_model):
+    with attached(tiny.model, LoraSpec(rank=2, layers="all")) as peft_model, packed_linears(peft_model):
         assert not any("forward" in m.__dict__ for m in peft_model.modules() if type(m) is torch.nn.Linear)
 
 

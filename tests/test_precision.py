@@ -20,10 +20,10 @@ from loramem.errors import LoramemError
 from loramem.merge import METHODS, applied, lora_deltas, merge
 from loramem.models import load_base
 from loramem.precision import ENV, autocast, hardware, requested, resolve, use_bf16
-from sample_facts import SIX_FACTS as FACTS
+from sample_facts import SIX_FACTS as FACTS, LINEAR_TO_ZERO
 
 SETTINGS = ["fp32", "autocast", "bf16-weights"]
-TRAIN = TrainSpec(lr=1e-2, epochs=150, batch_size=2)  # stops at exact recall, in fewer
+TRAIN = TrainSpec(lr=1e-2, epochs=150, batch_size=2, **LINEAR_TO_ZERO)  # stops at exact recall, in fewer
 
 
 @dataclass
@@ -59,7 +59,7 @@ def run(request, tmp_path_factory):
             patch.setenv(ENV, "fp32" if request.param == "fp32" else "bf16")
             base = load_base("tiny")
         memory = Memory.open(tmp_path_factory.mktemp(request.param) / "m.mem", create=True, base=base)
-        list(memory.write_shards(FACTS, 60, LoraSpec(rank=4), TRAIN, progress=False))
+        list(memory.write_shards(FACTS, 60, LoraSpec(rank=4, layers="all"), TRAIN, progress=False))
         reference = dataclasses.replace(base, model=copy.deepcopy(base.model).float())
         yield Run(request.param, base, memory, reference)
 

@@ -14,11 +14,12 @@ import uvicorn
 from loramem import LoraSpec, Memory, TrainSpec, facts_from_text
 from loramem.answer import render_prompt
 from loramem.serve import create_app
+from sample_facts import LINEAR_TO_ZERO
 
 KEY = "test-key"
 FACTS = "Question: What is the phone number of Ann Lee? Answer: 603-556-7631\nQuestion: What is the phone number of Bo Kim? Answer: 705-882-9365\n"
 OTHER = "Question: What is the phone number of Cy Ortega? Answer: 212-340-1187\n"
-FAST = TrainSpec(lr=1e-2, epochs=80, batch_size=2)
+FAST = TrainSpec(lr=1e-2, epochs=80, batch_size=2, **LINEAR_TO_ZERO)
 QUESTION = "What is the phone number of Bo Kim?"
 
 
@@ -26,9 +27,9 @@ QUESTION = "What is the phone number of Bo Kim?"
 def memories(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     facts = Memory.open(root / "facts.mem", create=True, base=tiny)
-    facts.write(facts_from_text(FACTS), lora=LoraSpec(rank=8), train_spec=FAST, progress=False)
+    facts.write(facts_from_text(FACTS), lora=LoraSpec(rank=8, layers="all"), train_spec=FAST, progress=False)
     docs = Memory.open(root / "docs.mem", create=True, base=tiny)
-    docs.write(facts_from_text(OTHER), lora=LoraSpec(rank=8), train_spec=FAST, name="ortega", progress=False)
+    docs.write(facts_from_text(OTHER), lora=LoraSpec(rank=8, layers="all"), train_spec=FAST, name="ortega", progress=False)
     fresh = Memory.open(root / "fresh.mem", create=True, base=tiny)  # no module yet: created by a write elsewhere
     return {"facts": facts, "docs": docs, "fresh": fresh}
 
@@ -137,7 +138,7 @@ def test_a_memory_created_elsewhere_is_picked_up(client, server, memories, tiny)
         ask(client, model="fresh")
     elsewhere = Memory.open(memories["fresh"].path, create=True, base=tiny)
     with server[1].lock:
-        elsewhere.write(facts_from_text(OTHER), lora=LoraSpec(rank=8), train_spec=FAST, name="new", progress=False)
+        elsewhere.write(facts_from_text(OTHER), lora=LoraSpec(rank=8, layers="all"), train_spec=FAST, name="new", progress=False)
     assert ask(client, model="fresh").loramem["module_names"] == ["new"]
 
 

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from loramem.config import LoraSpec, TrainSpec
 from loramem.errors import LoramemError
 from loramem.train import Example, attached, encode, examples_recalled, pack, recall, shared_prefix, supervised_logits, train
+from sample_facts import LINEAR_TO_ZERO
 
 EXAMPLES = [
     Example("Question: What is the phone number of Ann Lee? Answer:", " 603-556-7631"),
@@ -36,7 +37,7 @@ def packed_losses(model, batch):
 @pytest.mark.parametrize("row_tokens", [1, 1024])
 def test_packed_supervised_logits_match_plain_path(tiny, loss_on, row_tokens):
     encoded = encode(tiny.tokenizer, EXAMPLES)
-    with attached(tiny.model, LoraSpec(rank=2)) as model:
+    with attached(tiny.model, LoraSpec(rank=2, layers="all")) as model:
         for name, p in model.named_parameters():  # non-zero adapter so the LoRA path matters
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.5)
@@ -58,7 +59,7 @@ def test_shared_prefix_is_computed_once(tiny):
 def test_bf16_autocast_loss_close_to_fp32(tiny):
     encoded = encode(tiny.tokenizer, EXAMPLES)
     batch = pack(encoded, "answer")
-    with attached(tiny.model, LoraSpec(rank=2)) as model, torch.no_grad():
+    with attached(tiny.model, LoraSpec(rank=2, layers="all")) as model, torch.no_grad():
         fp32 = F.cross_entropy(supervised_logits(model, batch), batch.labels)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             bf16 = F.cross_entropy(supervised_logits(model, batch).float(), batch.labels)
@@ -67,8 +68,9 @@ def test_bf16_autocast_loss_close_to_fp32(tiny):
 
 def test_recalled_means_greedy_generation_reproduces_answer(tiny):
     encoded = encode(tiny.tokenizer, EXAMPLES[:2])
-    with attached(tiny.model, LoraSpec(rank=8)) as model:
-        stats = train(model, tiny.tokenizer, EXAMPLES[:2], TrainSpec(lr=1e-2, epochs=60, batch_size=2), progress=False)
+    with attached(tiny.model, LoraSpec(rank=8, layers="all")) as model:
+        stats = train(model, tiny.tokenizer, EXAMPLES[:2], TrainSpec(lr=1e-2, epochs=60, batch_size=2, **LINEAR_TO_ZERO),
+                      progress=False)
         assert stats.recall == 1.0 and stats.epochs < 60  # stopped early at the target
         for ex, e in zip(EXAMPLES[:2], encoded):
             ids = torch.tensor([e.ids[: e.n_prompt]])
@@ -79,7 +81,7 @@ def test_recalled_means_greedy_generation_reproduces_answer(tiny):
 def test_exact_check_runs_when_the_lagging_training_pass_would_reach_the_target_next_epoch(tiny, caplog):
     """The training pass recalled 0 then 1 of 2: one more epoch at that pace reaches the target, so the exact
     check runs then instead of an epoch later."""
-    with attached(tiny.model, LoraSpec(rank=8)) as model, caplog.at_level("INFO", logger="loramem"):
+    with attached(tiny.model, LoraSpec(rank=8, layers="all")) as model, caplog.at_level("INFO", logger="loramem"):
         train(model, tiny.tokenizer, EXAMPLES[:2], TrainSpec(lr=1e-2, epochs=60, batch_size=2), progress=False)
     messages = [r.getMessage() for r in caplog.records]
     first = next(i for i, m in enumerate(messages) if m.startswith("exact check"))
@@ -89,7 +91,7 @@ def test_exact_check_runs_when_the_lagging_training_pass_would_reach_the_target_
 
 def test_recall_zero_for_untrained_adapter(tiny):
     encoded = encode(tiny.tokenizer, EXAMPLES)
-    with attached(tiny.model, LoraSpec(rank=2)) as model:
+    with attached(tiny.model, LoraSpec(rank=2, layers="all")) as model:
         assert recall(model, tiny.tokenizer, encoded) == 0.0
         batch = pack(encoded)
         assert not examples_recalled(supervised_logits(model, batch), batch).any()
@@ -97,7 +99,7 @@ def test_recall_zero_for_untrained_adapter(tiny):
 
 def test_attached_restores_base_model(tiny):
     before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
-    with attached(tiny.model, LoraSpec(rank=2)) as model:
+    with attached(tiny.model, LoraSpec(rank=2, layers="all")) as model:
         train(model, tiny.tokenizer, EXAMPLES, TrainSpec(epochs=1, target_recall=None), progress=False)
     after = tiny.model.state_dict()
     assert before.keys() == after.keys()
@@ -105,7 +107,7 @@ def test_attached_restores_base_model(tiny):
 
 
 def test_no_examples_is_an_error(tiny):
-    with attached(tiny.model, LoraSpec(rank=2)) as model, pytest.raises(LoramemError, match="no training examples"):
+    with attached(tiny.model, LoraSpec(rank=2, layers="all")) as model, pytest.raises(LoramemError, match="no training examples"):
         train(model, tiny.tokenizer, [], TrainSpec())
 
 
@@ -133,7 +135,7 @@ def test_candidate_softmax_is_the_full_softmax_restricted_to_the_candidates(tiny
 
     encoded = encode(tiny.tokenizer, EXAMPLES)
     batch, spec = pack(encoded), TrainSpec()
-    with attached(tiny.model, LoraSpec(rank=2)) as model, torch.no_grad():
+    with attached(tiny.model, LoraSpec(rank=2, layers="all")) as model, torch.no_grad():
         full = supervised_logits(model, batch)
         everything = torch.arange(full.shape[-1])
         torch.testing.assert_close(_loss(model, batch, encoded, spec, everything)[0], _loss(model, batch, encoded, spec)[0])
@@ -150,7 +152,7 @@ def test_candidate_vocab_holds_every_label_and_the_models_top_k(tiny):
     from loramem.train import candidate_vocab
 
     encoded = encode(tiny.tokenizer, EXAMPLES)
-    with attached(tiny.model, LoraSpec(rank=2)) as model:
+    with attached(tiny.model, LoraSpec(rank=2, layers="all")) as model:
         vocab = candidate_vocab(model, tiny.tokenizer, encoded, top_k=3)
         batch = pack(encoded)
         top = supervised_logits(model, batch).topk(3, -1).indices
@@ -162,7 +164,7 @@ def test_exact_check_names_the_wrong_examples_and_the_tokens_that_beat_answers(t
     from loramem.train import exact_check
 
     encoded = encode(tiny.tokenizer, EXAMPLES)
-    with attached(tiny.model, LoraSpec(rank=2)) as model:
+    with attached(tiny.model, LoraSpec(rank=2, layers="all")) as model:
         recalled, intruders = exact_check(model, tiny.tokenizer, encoded)
         batch = pack(encoded)
         predicted = supervised_logits(model, batch).argmax(-1)
@@ -196,7 +198,7 @@ def test_candidate_training_stops_only_when_the_whole_vocabulary_agrees(tiny, mo
         offset = seen[0][batch.labels == five].mean(0)
         head[rival] = head[five] + 0.3 * head[five].norm() * offset / offset.norm()
     try:
-        with attached(tiny.model, LoraSpec(rank=8)) as model, caplog.at_level("INFO", logger="loramem"):
+        with attached(tiny.model, LoraSpec(rank=8, layers="all")) as model, caplog.at_level("INFO", logger="loramem"):
             stats = train(model, tiny.tokenizer, EXAMPLES[:2], TrainSpec(lr=1e-2, epochs=60, batch_size=2, candidates=1),
                           progress=False)
             exact = recall(model, tiny.tokenizer, encoded)
@@ -215,7 +217,7 @@ def test_schedule_decays_over_decay_epochs_then_holds_at_the_floor():
 
     held = _schedule(TrainSpec(lr_floor=0.1, decay_epochs=2, epochs=5), total_steps=50, steps_per_epoch=10)
     assert held(0) == 1.0 and held(10) == pytest.approx(0.55) and held(20) == held(49) == pytest.approx(0.1)
-    plain = _schedule(TrainSpec(epochs=5), 50, 10)  # the default: linear to zero over every step
+    plain = _schedule(TrainSpec(epochs=5, **LINEAR_TO_ZERO), 50, 10)  # no floor, no decay_epochs: to zero over every step
     assert plain(0) == 1.0 and plain(25) == pytest.approx(0.5) and plain(50) == 0.0
     cosine = _schedule(TrainSpec(schedule="cosine", lr_floor=0.2), 10, 5)
     assert cosine(0) == 1.0 and cosine(5) == pytest.approx(0.6) and cosine(10) == pytest.approx(0.2)
@@ -224,7 +226,7 @@ def test_schedule_decays_over_decay_epochs_then_holds_at_the_floor():
 def test_first_trainable_layer_is_zero_for_all_layers(tiny):
     from loramem.train import first_trainable_layer
 
-    with attached(tiny.model, LoraSpec(rank=2)) as model:
+    with attached(tiny.model, LoraSpec(rank=2, layers="all")) as model:
         assert first_trainable_layer(model) == 0
 
 
@@ -270,7 +272,7 @@ def test_cached_teacher_targets_equal_a_fresh_plain_forward(tiny, loss_on):
     spec = TrainSpec(objective="distill", distill_top_k=4, loss_on=loss_on, precision="fp32", distill_layers="0,1")
     encoded = encode(tiny.tokenizer, EXAMPLES + [Example("", "Plain text is distilled at every token.")])
     context_ids = tiny.tokenizer(CONTEXT + "\n\n", add_special_tokens=False).input_ids
-    with attached(tiny.model, LoraSpec(rank=2)) as model:
+    with attached(tiny.model, LoraSpec(rank=2, layers="all")) as model:
         for name, p in model.named_parameters():  # a non-zero adapter, which the teacher must not see
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.5)
@@ -309,7 +311,7 @@ def test_distill_training_moves_the_student_towards_the_teacher(tiny):
     spec = TrainSpec(objective="distill", lr=1e-2, epochs=30, batch_size=2, target_recall=None, precision="fp32",
                      distill_layers="1")
     encoded_before = encode(tiny.tokenizer, EXAMPLES)
-    with attached(tiny.model, LoraSpec(rank=4)) as model:
+    with attached(tiny.model, LoraSpec(rank=4, layers="all")) as model:
         from loramem.train import distill_loss, teacher_targets
 
         teacher_targets(model, tiny.tokenizer, encoded_before, CONTEXT, spec)
@@ -325,7 +327,7 @@ def test_distill_training_moves_the_student_towards_the_teacher(tiny):
         stats = train(model, tiny.tokenizer, EXAMPLES, spec, progress=False, context=CONTEXT)
         assert kl() < 0.5 * untrained and stats.steps == 60  # final_loss also holds the hidden-state term
     with pytest.raises(LoramemError, match="needs the documents"):
-        with attached(tiny.model, LoraSpec(rank=4)) as model:
+        with attached(tiny.model, LoraSpec(rank=4, layers="all")) as model:
             train(model, tiny.tokenizer, EXAMPLES, spec, progress=False)
     with pytest.raises(LoramemError, match="objective must be"):
         TrainSpec(objective="kd")

@@ -11,6 +11,7 @@ and placement changes it by orders of magnitude (docs/BENCHMARKS.md), so cells f
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,3 +109,37 @@ def trainable_params(model, lora: LoraSpec) -> int:
 
     with attached(model, lora) as peft_model:
         return sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+
+
+# Bits of answers to store per trainable parameter that a placement is sized for by layers="auto"; calibrated on
+# the paper's PhoneBook and CounterFact with the default recipe (docs/BENCHMARKS.md, "Defaults"): well under the
+# ~0.5 a module holds at length, because a lighter load is learnt in far fewer epochs.
+AUTO_BITS_PER_PARAM = 0.06
+
+
+def answer_bits(model, tokenizer, examples, precision: str = "auto") -> float:
+    """What the base model does not know of the answers: the sum of -log2 p(answer token | everything before it),
+    teacher-forced. Digits it cannot guess cost ~3.3 bits each; a fact it already knows costs almost nothing."""
+    from loramem.train import teacher_forced
+
+    return -sum(float(s.logp.sum()) for s in teacher_forced(model, tokenizer, examples, precision=precision)) / math.log(2)
+
+
+def auto_layers(model, lora: LoraSpec, bits: float, bits_per_param: float = AUTO_BITS_PER_PARAM) -> str:
+    """The placement "auto" resolves to: the last N layers, with N the fewest whose parameters hold `bits` at
+    `bits_per_param`. Late layers are the cheapest to train (the frozen layers before them are computed once) but
+    store less per parameter than early ones, so a load too heavy for few of them gets more, up to all."""
+    num_layers = model.config.num_hidden_layers
+    per_layer = _last_layer_params(model, lora)
+    needed = max(1, math.ceil(bits / (bits_per_param * per_layer)))
+    return "all" if needed >= num_layers else f"last{needed}"
+
+
+def _last_layer_params(model, lora: LoraSpec) -> int:
+    """LoRA factor parameters on the last decoder layer: rank x (in + out) per targeted linear layer (counted from
+    the shapes: attaching an adapter to count them costs a second on a 135M model)."""
+    import torch
+
+    names, marker = set(lora.target_modules()), f"layers.{model.config.num_hidden_layers - 1}."
+    return sum(lora.rank * (m.in_features + m.out_features) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and marker in name and name.rsplit(".", 1)[-1] in names)

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from loramem.config import LoraSpec, TrainSpec
+from loramem.config import AUTO, LoraSpec, TrainSpec
 from loramem.errors import LoramemError
 from loramem.models import DEFAULT_MODEL
 
@@ -37,12 +37,14 @@ BaseUrlOpt = typer.Option(None, "--base-url", help="openai: endpoint (default $L
 JudgeOpt = typer.Option(None, "--judge-model", help="also score answers with this model at the OpenAI-compatible "
                         "endpoint (0-10 rubric)")
 TargetsOpt = typer.Option("all", "--targets", help="attention, ffn, all, or module names")
-LayersOpt = typer.Option("all", "--layers", help="all, early, late, firstN, lastN, a-b or a list")
+LayersOpt = typer.Option(LoraSpec.layers, "--layers", help="auto (the last layers, as many as the data needs), all, "
+                         "early, late, firstN, lastN, a-b or a list")
 LrOpt = typer.Option(TrainSpec.lr, "--lr", help="peak learning rate (AdamW)")
 EpochsOpt = typer.Option(TrainSpec.epochs, "--epochs", help="upper bound; training stops at the target recall")
 CandidatesOpt = typer.Option(TrainSpec.candidates, "--candidates",
                              help="train on a softmax over the answers' tokens plus the base model's top K at each "
-                             "answer position (0: the whole vocabulary); the stopping check stays exact")
+                             "answer position (0: the whole vocabulary; default 32, 0 with --objective distill); "
+                             "the stopping check stays exact")
 FloorOpt = typer.Option(TrainSpec.lr_floor, "--lr-floor", help="the decay ends at this fraction of --lr and holds there "
                         "until the target recall or the last epoch (0: decay to zero)")
 DecayOpt = typer.Option(TrainSpec.decay_epochs, "--decay-epochs",
@@ -65,8 +67,9 @@ def _options(verbose: bool = typer.Option(False, "--verbose", "-v", help="log pr
 
 
 def _specs(rank, alpha, targets, layers, lr, epochs, batch_size, seed, loss_on, target_recall,
-           variants: str = "", objective: str = "ntp", candidates: int = 0, lr_floor: float = 0.0,
-           decay_epochs: int | None = None) -> tuple[LoraSpec, TrainSpec]:
+           variants: str = "", objective: str = "ntp", candidates: int | None = TrainSpec.candidates,
+           lr_floor: float = TrainSpec.lr_floor, decay_epochs: int | None = TrainSpec.decay_epochs
+           ) -> tuple[LoraSpec, TrainSpec]:
     from loramem.precision import requested
 
     chosen = {v.strip() for v in variants.split(",") if v.strip()}
@@ -144,7 +147,7 @@ def write(
     name: Optional[str] = typer.Option(None, help="module name"),
     prompt: Optional[str] = PromptOpt,
     objective: str = ObjectiveOpt,
-    candidates: int = CandidatesOpt,
+    candidates: Optional[int] = CandidatesOpt,
     lr_floor: float = FloorOpt,
     decay_epochs: Optional[int] = DecayOpt,
     executor: str = typer.Option("inprocess", help="where modules train: inprocess, or ray (a task per module, "
@@ -226,6 +229,8 @@ def _shard_tokens(value: str, capacity: Path, threshold: float, memory, lora) ->
             return int(value)
         except ValueError:
             raise LoramemError(f"--shard-tokens must be a number of tokens or auto, got {value!r}") from None
+    if lora.layers == AUTO:
+        raise LoramemError("--shard-tokens auto sizes modules by the capacity measured at one placement: give --layers")
     if not capacity.exists():
         raise LoramemError(f"--shard-tokens auto needs measured capacity: {capacity} does not exist (--capacity)")
     tokens = cap.module_tokens(cap.trainable_params(memory.base.model, lora), cap.cells_from(capacity, memory), lora,
@@ -235,7 +240,8 @@ def _shard_tokens(value: str, capacity: Path, threshold: float, memory, lora) ->
 
 
 def _written(record) -> dict:
-    return {"module": record.id, "name": record.name, "facts": record.n_examples, "recall": record.recall,
+    return {"module": record.id, "name": record.name, "facts": record.n_examples, "layers": record.lora_spec["layers"],
+            "recall": record.recall,
             "train_seconds": record.train_seconds, "trainable_params": record.trainable_params}
 
 
@@ -354,7 +360,7 @@ def bench_phonebook(
     epochs: int = EpochsOpt,
     batch_size: int = typer.Option(TrainSpec.batch_size),
     target_recall: float = typer.Option(1.0),
-    candidates: int = CandidatesOpt,
+    candidates: Optional[int] = CandidatesOpt,
     lr_floor: float = FloorOpt,
     decay_epochs: Optional[int] = DecayOpt,
     model: Optional[str] = ModelOpt,
@@ -582,15 +588,15 @@ def demo(
     from loramem.memory import Memory
 
     entries = pb.load("1K", data_dir)
-    # Late layers: the frozen early layers are computed once, so this trains ~4x faster than all layers.
-    lora = LoraSpec(rank=4, targets="all", layers="late")
+    lora = LoraSpec(rank=4)  # the defaults: layers auto (the last ones, as many as the facts need)
     console.print(f"PhoneBook 1K: {len(entries)} entries -> one rank-4 module of {model} "
                   f"(targets {lora.targets}, layers {lora.layers})")
     with tempfile.TemporaryDirectory() as tmp:
         mem = Memory.open(Path(tmp) / "demo.mem", model=model, create=True)
         start = time.perf_counter()
         record = mem.write(pb.examples(entries), lora=lora, name="phonebook-1K")
-        console.print(f"trained in {time.perf_counter() - start:.1f} s, recall {record.recall:.0%}")
+        console.print(f"trained in {time.perf_counter() - start:.1f} s (layers {record.lora_spec['layers']}), "
+                      f"recall {record.recall:.0%}")
         asked = entries[:: max(1, len(entries) // questions)][:questions]
         rows = []
         for mode in ("base", "lora", "icl"):

@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from loramem.answer import (
@@ -33,7 +33,7 @@ from loramem.answer import (
     render_example,
     render_prompt,
 )
-from loramem.config import LoraSpec, TrainSpec
+from loramem.config import AUTO, LoraSpec, TrainSpec
 from loramem.corpus import Document, chunk_text
 from loramem.errors import LoramemError
 from loramem.executor import InProcess, TrainJob
@@ -215,15 +215,27 @@ class Memory:
         """The training job for a module (its id hashes everything that determines its weights), and its data hash."""
         base = self.base
         digest = data_hash(examples)
+        trained_on = [render_example(base.tokenizer, e, self.prompt) for e in examples]  # stored plain, trained styled
+        lora = self._placed(lora, trained_on, train_spec)
         module_id = hashlib.sha256(json.dumps(
             [digest, [d.id for d in documents], lora.to_dict(), train_spec.to_dict(),
              base.fingerprint["weights_sha256"]] + ([self.prompt] if self.prompt != "plain" else []), sort_keys=True,
         ).encode()).hexdigest()[:16]
-        trained_on = [render_example(base.tokenizer, e, self.prompt) for e in examples]  # stored plain, trained styled
         context = "\n\n".join(d.text for d in documents) if train_spec.objective == "distill" else ""
         if train_spec.objective == "distill" and not context:
             raise LoramemError("the distill objective needs documents (the teacher reads them); facts have none")
         return TrainJob(module_id, trained_on, lora, train_spec, self.model_name, base.fingerprint, context), digest
+
+    def _placed(self, lora: LoraSpec, examples: list[Example], train_spec: TrainSpec) -> LoraSpec:
+        """The spec with layers "auto" resolved from what the base model does not know of these examples."""
+        if lora.layers != AUTO:
+            return lora
+        from loramem.capacity import answer_bits, auto_layers
+
+        bits = answer_bits(self.base.model, self.base.tokenizer, examples, train_spec.precision)
+        placed = replace(lora, layers=auto_layers(self.base.model, lora, bits))
+        log.info("layers auto: %.0f bits of answers to store -> layers %s", bits, placed.layers)
+        return placed
 
     def _committed(self, module_id: str, reopen: bool = False) -> ModuleRecord | None:
         """The module's record if it is in the store; `reopen` first picks up a memory another writer created."""

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loramem.answer import Answer, parse_mode
-from loramem.config import LoraSpec, TrainSpec
+from loramem.config import AUTO, LoraSpec, TrainSpec
 from loramem.corpus import Document
 from loramem.errors import LoramemError
 from loramem.memory import Memory
@@ -304,10 +304,10 @@ class DocumentsRequest(BaseModel):
     one_module: bool = False
     generator: Literal["hf", "openai"] = "hf"  # openai: endpoint and key from $LORAMEM_OPENAI_BASE_URL/_API_KEY
     generator_model: str | None = None
-    rank: int = 4
+    rank: int = LoraSpec.rank
     alpha: float | None = None
-    targets: str = "all"
-    layers: str = "all"
+    targets: str = LoraSpec.targets
+    layers: str = LoraSpec.layers
     lr: float = TrainSpec.lr
     epochs: int = TrainSpec.epochs
     batch_size: int = TrainSpec.batch_size
@@ -395,7 +395,8 @@ class Service:
             raise ApiError(400, "a document has no text")
         synth, generator = self._synthesis(memory, request)
         lora = LoraSpec(rank=request.rank, alpha=request.alpha, targets=request.targets, layers=request.layers)
-        lora.layer_indices(memory.base.num_layers)  # a bad layer range fails now, not in the job
+        if lora.layers != AUTO:
+            lora.layer_indices(memory.base.num_layers)  # a bad layer range fails now, not in the job
         train_spec = TrainSpec(lr=request.lr, epochs=request.epochs, batch_size=request.batch_size, seed=request.seed,
                                target_recall=request.target_recall or None, objective=request.objective)
         return self.jobs.submit(name, len(documents), lambda: memory.write_documents(

@@ -6,6 +6,7 @@ from loramem import LoraSpec, Memory, TrainSpec
 from loramem.bench import counterfact
 from loramem.config import data_dir
 from loramem.errors import LoramemError
+from sample_facts import LINEAR_TO_ZERO
 
 
 @pytest.fixture
@@ -36,7 +37,8 @@ def test_a_written_edit_wins_and_an_empty_change_keeps_locality(tiny, tmp_path, 
     edits = [e for e in counterfact.load("1K", root)[:12]
              if tiny.tokenizer(f" {e.target_new}").input_ids[0] != tiny.tokenizer(f" {e.target_true}").input_ids[0]][:6]
     memory = Memory.open(tmp_path / "cf.mem", create=True, base=tiny)
-    record = memory.write(counterfact.examples(edits), LoraSpec(rank=8), TrainSpec(lr=1e-2, epochs=60), progress=False)
+    record = memory.write(counterfact.examples(edits), LoraSpec(rank=8, layers="all"), TrainSpec(lr=1e-2, epochs=60, **LINEAR_TO_ZERO),
+                          progress=False)
     assert record.recall == 1.0
     scores = counterfact.score(memory, edits, record.id)
     # every edit's new object is the greedy completion, so its first token outscores the true one's
@@ -45,7 +47,7 @@ def test_a_written_edit_wins_and_an_empty_change_keeps_locality(tiny, tmp_path, 
     before = memory.score(counterfact.examples(edits))
     assert sum(s.exact for s in before) < len(edits)  # the base model did not already say them
     # a module that barely moved the weights leaves every neighbour's greedy tokens as they were
-    still = memory.write(counterfact.examples(edits), LoraSpec(rank=8), TrainSpec(lr=1e-9, epochs=1, target_recall=None),
+    still = memory.write(counterfact.examples(edits), LoraSpec(rank=8, layers="all"), TrainSpec(lr=1e-9, epochs=1, target_recall=None),
                          progress=False)
     barely, base = counterfact.score(memory, edits, still.id), counterfact.score(memory, edits, None)
     assert barely["unchanged"] == base["unchanged"] == 1.0 and barely["locality"] == base["locality"]

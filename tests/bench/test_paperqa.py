@@ -62,7 +62,7 @@ def test_evaluation_questions_never_reach_training(tiny, data_dir, tmp_path):
     generator = ScriptedGenerator()
     memory = Memory.open(tmp_path / "pq.mem", create=True, base=tiny)
     papers = paperqa.load(data_dir, "0")
-    written = paperqa.write_format(memory, papers, "qa", SynthSpec(questions=2), generator, LoraSpec(rank=4),
+    written = paperqa.write_format(memory, papers, "qa", SynthSpec(questions=2), generator, LoraSpec(rank=4, layers="all"),
                                    TrainSpec(epochs=1), progress=False)
     assert generator.calls > 0 and written[0]["leaks_dropped"] >= 1
     trained = memory.examples(memory.store.get(written[0]["module"]))
@@ -86,7 +86,7 @@ def test_score_reports_metrics_per_level():
 def test_format_table_runs_end_to_end(tiny, data_dir, tmp_path):
     memory = Memory.open(tmp_path / "table.mem", create=True, base=tiny)
     result = paperqa.run(memory, paperqa.load(data_dir), ["original", "qa"], SynthSpec(questions=2),
-                         ScriptedGenerator(), LoraSpec(rank=4), TrainSpec(epochs=2), progress=False)
+                         ScriptedGenerator(), LoraSpec(rank=4, layers="all"), TrainSpec(epochs=2), progress=False)
     assert [r["format"] for r in result["rows"]] == ["base (no module)", "icl (introduction in prompt)", "original", "qa"]
     assert result["questions"] == 4 and all(0.0 <= r["rouge_l"] <= 1.0 for r in result["rows"])
     assert result["rows"][0]["train_tokens"] == 0 and result["rows"][2]["train_tokens"] > 0
@@ -95,7 +95,7 @@ def test_format_table_runs_end_to_end(tiny, data_dir, tmp_path):
 def test_narrativeqa_grid_runs(tiny, data_dir, tmp_path):
     memory = Memory.open(tmp_path / "nqa.mem", create=True, base=tiny)
     result = narrativeqa.run(memory, narrativeqa.load(data_dir), "qa", SynthSpec(questions=2), ScriptedGenerator(),
-                             LoraSpec(rank=4), TrainSpec(epochs=1), router="bm25", progress=False)
+                             LoraSpec(rank=4, layers="all"), TrainSpec(epochs=1), router="bm25", progress=False)
     cells = {(r["context"], r["modules"]) for r in result["rows"]}
     assert cells == {(c, m) for c in ("none", "icl", "rag") for m in ("none", "single", "multi top-1", "multi top-2")}
     assert result["questions"] == 2 and result["modules"] == 2
@@ -104,7 +104,7 @@ def test_narrativeqa_grid_runs(tiny, data_dir, tmp_path):
 def test_format_table_with_rag_rows_and_the_distill_objective(tiny, data_dir, tmp_path):
     memory = Memory.open(tmp_path / "distill.mem", create=True, base=tiny)
     result = paperqa.run(memory, paperqa.load(data_dir), ["qa"], SynthSpec(questions=2), ScriptedGenerator(),
-                         LoraSpec(rank=4), TrainSpec(epochs=2, objective="distill"), progress=False, rag=True)
+                         LoraSpec(rank=4, layers="all"), TrainSpec(epochs=2, objective="distill"), progress=False, rag=True)
     assert [r["format"] for r in result["rows"]] == [
         "base (no module)", "icl (introduction in prompt)", "rag top 3 (base model)", "qa", "qa + rag top 3"]
     modules = memory.modules()
@@ -112,6 +112,6 @@ def test_format_table_with_rag_rows_and_the_distill_objective(tiny, data_dir, tm
     module = modules[0]
     # a second module on the same documents adds no passage: retrieval indexes each document once
     passages = len(memory.retriever("bm25").index.texts)
-    memory.write(memory.examples(module), LoraSpec(rank=2), TrainSpec(epochs=1), documents=memory.documents(module),
+    memory.write(memory.examples(module), LoraSpec(rank=2, layers="all"), TrainSpec(epochs=1), documents=memory.documents(module),
                  progress=False)
     assert len(memory.retriever("bm25").index.texts) == passages

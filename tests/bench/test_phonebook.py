@@ -5,6 +5,7 @@ import pytest
 from loramem.bench import phonebook as pb
 from loramem.errors import LoramemError
 from loramem.metrics import PHONE_RE
+from sample_facts import LINEAR_TO_ZERO
 
 
 def test_generated_phonebook_has_the_paper_format_and_size():
@@ -65,8 +66,8 @@ def test_sectors_study_on_the_tiny_model(tiny, tmp_path):
     from loramem import LoraSpec, Memory, TrainSpec
 
     memory = Memory.open(tmp_path / "sectors.mem", create=True, base=tiny)
-    result = pb.run_sectors(memory, source="1K", sector_size="0.1K", count=2, rank=8, lora=LoraSpec(rank=8),
-                            train_spec=TrainSpec(lr=1e-2, epochs=80, batch_size=2), context_questions=4,
+    result = pb.run_sectors(memory, source="1K", sector_size="0.1K", count=2, rank=8, lora=LoraSpec(rank=8, layers="all"),
+                            train_spec=TrainSpec(lr=1e-2, epochs=80, batch_size=2, **LINEAR_TO_ZERO), context_questions=4,
                             progress=False)
     settings = [row["setting"] for row in result["rows"]]
     assert settings[0].endswith("oracle routing") and "single (rank 16)" in settings

@@ -10,8 +10,9 @@ from loramem.config import LoraSpec, TrainSpec
 from loramem.errors import LoramemError
 from loramem.experiments import runner
 from loramem.experiments.runner import Cell, read_rows, run_study
+from sample_facts import LINEAR_TO_ZERO
 
-FAST = TrainSpec(epochs=12, batch_size=8)
+FAST = TrainSpec(lr=5e-3, epochs=12, batch_size=8, **LINEAR_TO_ZERO)
 
 
 def cell(rank: int, size: str = "0.1K") -> Cell:  # 0.1K: five generated PhoneBook entries

@@ -112,7 +112,7 @@ def run(memory, size: str = "1K", lora: LoraSpec | None = None, train_spec: Trai
         data_dir: str | Path | None = None, progress: bool = True) -> dict:
     """Write a phonebook into one module of `memory` and score it: the figures of `loramem bench phonebook`."""
     entries = load(size, data_dir)
-    lora = lora or LoraSpec(rank=4)
+    lora = lora or LoraSpec()
     record = memory.write(examples(entries), lora=lora, train_spec=train_spec, name=f"phonebook-{size}",
                           progress=progress)
     score, seconds = evaluate(memory, entries, module=record.id)
@@ -122,7 +122,7 @@ def run(memory, size: str = "1K", lora: LoraSpec | None = None, train_spec: Trai
         "entries": len(entries),
         "rank": lora.rank,
         "targets": lora.targets,
-        "layers": lora.layers,
+        "layers": record.lora_spec["layers"],  # what "auto" resolved to
         "exact_match": score,
         "train_seconds": record.train_seconds,
         "epochs": record.stats["epochs"],

@@ -50,11 +50,15 @@ class Preset:
         return Cell(dataset, size, self.lora(rank, **lora), train or self.train, model, prompt)
 
 
+# The studies measure a fixed step budget, so they keep the recipe they were measured with: a decay to zero over
+# the budget with the whole-vocabulary softmax (not the write defaults, which stop at exact recall).
+STUDY_RECIPE = dict(epochs=10**6, decay_epochs=None, lr_floor=0.0, candidates=0)
 PRESETS = {
-    "cpu": Preset(targets="ffn", layers="last4", train=TrainSpec(epochs=10**6, max_steps=400), ranks=(1, 2, 4, 8, 16),
+    "cpu": Preset(targets="ffn", layers="last4", train=TrainSpec(lr=5e-3, max_steps=400, **STUDY_RECIPE),
+                  ranks=(1, 2, 4, 8, 16),
                   sizes=("0.25K", "0.5K", "1K", "2K", "4K", "8K")),
     "paper": Preset(targets="all", layers="all", alpha_is_rank=True, dropout=0.1, chat_phonebook=True,
-                    train=TrainSpec(lr=5e-5, epochs=10**6, max_steps=1500, batch_size=8, target_recall=None),
+                    train=TrainSpec(lr=5e-5, max_steps=1500, batch_size=8, target_recall=None, **STUDY_RECIPE),
                     ranks=(2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), sizes=tuple(f"{k}K" for k in range(1, 21)),
                     layer_sets=("early", "late")),
 }
