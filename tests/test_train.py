@@ -236,8 +236,8 @@ def test_peft_variants_train_and_answer(tiny, tmp_path, variant):
 
     before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
     memory = Memory.open(tmp_path / "m", create=True, base=tiny)
-    record = memory.write(EXAMPLES[:1], lora=LoraSpec(rank=4, **{variant: True}),
-                          train_spec=TrainSpec(lr=1e-2, epochs=60, batch_size=1), progress=False)
+    record = memory.write(EXAMPLES[:1], lora=LoraSpec(rank=4, layers="all", **{variant: True}),
+                          train_spec=TrainSpec(lr=1e-2, epochs=60, batch_size=1, **LINEAR_TO_ZERO), progress=False)
     assert record.recall == 1.0
     # The base is untouched (PiSSA rewrites it while training) and the saved module applies to it.
     assert all(torch.equal(before[k], v) for k, v in tiny.model.state_dict().items())
