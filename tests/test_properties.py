@@ -1,4 +1,5 @@
-"""Property-based tests (hypothesis) for chunking, merging and the answer metrics.
+"""Property-based tests (hypothesis) for chunking and the answer metrics (the merge methods' properties are in
+test_merge.py).
 
 Small inputs and few examples per property, so the whole file runs in seconds on a busy CPU.
 """
@@ -10,28 +11,11 @@ import math
 import re
 import string
 
-import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from loramem.corpus import chunk_text
-from loramem.merge import (
-    apply_in_place,
-    applied,
-    cat_factors,
-    dare_linear,
-    dare_ties,
-    linear,
-    lora_deltas,
-    lora_factors,
-    magnitude_prune,
-    merge,
-    merged_weights,
-    revert,
-    ties,
-)
 from loramem.metrics import bleu, exact_match, normalize_answer, rouge_l, token_f1
 from loramem.models import load_base
 
@@ -42,11 +26,6 @@ FAST = settings(max_examples=40, deadline=None, database=None,
 @pytest.fixture(scope="module")
 def tokenizer():
     return load_base("tiny").tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    return load_base("tiny").model
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -194,248 +173,6 @@ def test_ascii_chunks_overlap_exactly_when_asked(tokenizer, text, window):
         shared = [s for s in starts if nxt.start_char <= s < prev.end_char]
         assert len(shared) == overlap
         assert (nxt.start_char < prev.end_char) == (overlap > 0)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Merging
-
-SHAPES = [{"a.weight": (8, 5), "b.weight": (3, 7)},
-          {"a.weight": (8, 5), "b.weight": (3, 7), "c.weight": (4, 4)}]
-
-
-@st.composite
-def task_vectors(draw, min_modules=1, max_modules=4, sparse=False):
-    n = draw(st.integers(min_modules, max_modules))
-    shapes = draw(st.sampled_from(SHAPES))
-    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    deltas = [{k: torch.randn(s, generator=gen) for k, s in shapes.items()} for _ in range(n)]
-    if sparse:  # a zero pattern shared by every module
-        for k, s in shapes.items():
-            mask = torch.rand(s, generator=gen) < 0.6
-            for d in deltas:
-                d[k] = d[k] * mask
-    weights = draw(st.lists(st.sampled_from([-1.5, -0.5, 0.0, 0.25, 0.5, 1.0, 2.0]), min_size=n, max_size=n))
-    return deltas, weights
-
-
-densities = st.sampled_from([0.1, 0.2, 0.3, 0.5, 0.75, 0.9, 1.0])
-
-
-def np_trim(t: np.ndarray, density: float) -> np.ndarray:
-    """Reference trim: keep the k largest magnitudes (randn has no ties)."""
-    if density >= 1:
-        return t
-    flat = t.ravel()
-    k = max(1, int(density * flat.size + 1e-9))
-    out = np.zeros_like(flat)
-    keep = np.argsort(-np.abs(flat), kind="stable")[:k]
-    out[keep] = flat[keep]
-    return out.reshape(t.shape)
-
-
-@FAST
-@given(tv=task_vectors())
-def test_linear_is_the_weighted_sum(tv):
-    deltas, weights = tv
-    out = linear(deltas, weights)
-    assert out.keys() == deltas[0].keys()
-    for name in out:
-        expected = sum(w * d[name].double() for w, d in zip(weights, deltas))
-        torch.testing.assert_close(out[name].double(), expected, rtol=1e-5, atol=1e-5)
-    # default weights are all 1
-    for name, t in linear(deltas).items():
-        torch.testing.assert_close(t, sum(d[name] for d in deltas), rtol=1e-5, atol=1e-5)
-
-
-@FAST
-@given(tv=task_vectors(min_modules=2), density=densities, data=st.data(),
-       method=st.sampled_from(["linear", "ties", "magnitude_prune"]))
-def test_merges_do_not_depend_on_the_order_of_the_modules(tv, density, data, method):
-    deltas, weights = tv
-    order = data.draw(st.permutations(range(len(deltas))))
-    params = {} if method == "linear" else {"density": density}
-    first = merge(deltas, method, weights, **params)
-    shuffled = merge([deltas[i] for i in order], method, [weights[i] for i in order], **params)
-    for name in first:
-        torch.testing.assert_close(shuffled[name], first[name], rtol=1e-5, atol=1e-5)
-
-
-@FAST
-@given(tv=task_vectors(max_modules=1), sign_method=st.sampled_from(["total", "frequency"]))
-def test_ties_of_one_module_at_full_density_is_that_module(tv, sign_method):
-    (delta,), (w,) = tv
-    for name, t in ties([delta], density=1.0, sign_method=sign_method).items():
-        assert torch.equal(t, delta[name])
-    for name, t in ties([delta], [w], density=1.0, sign_method=sign_method).items():
-        torch.testing.assert_close(t, w * delta[name])
-
-
-@FAST
-@given(tv=task_vectors(sparse=True), density=densities)
-def test_ties_zeros_and_elected_signs(tv, density):
-    deltas, weights = tv
-    out = ties(deltas, weights, density=density, sign_method="total")
-    for name, merged in out.items():
-        inputs = torch.stack([d[name] for d in deltas])
-        assert torch.all(merged[(inputs == 0).all(0)] == 0)
-        trimmed = np.stack([w * np_trim(d[name].double().numpy(), density) for w, d in zip(weights, deltas)])
-        assert torch.all(merged[torch.from_numpy((trimmed == 0).all(0))] == 0)
-        score = trimmed.sum(0)
-        m = merged.double().numpy()
-        # A nonzero entry has the elected sign (a score of exactly 0 elects +)...
-        assert np.all(score[m > 0] >= 0)
-        assert np.all(score[m < 0] < 0)
-        # ...and is the mean of the trimmed inputs that agree with it, so it lies between them.
-        nz = m != 0
-        assert np.all(np.abs(m[nz]) <= np.abs(trimmed).max(0)[nz] + 1e-6)
-
-
-@FAST
-@given(tv=task_vectors(sparse=True), density=densities)
-def test_ties_frequency_signs(tv, density):
-    deltas, weights = tv
-    out = ties(deltas, weights, density=density, sign_method="frequency")
-    for name, merged in out.items():
-        trimmed = np.stack([w * np_trim(d[name].double().numpy(), density) for w, d in zip(weights, deltas)])
-        votes = np.sign(trimmed).sum(0)
-        m = merged.double().numpy()
-        assert np.all(votes[m > 0] >= 0)
-        assert np.all(votes[m < 0] < 0)
-
-
-@FAST
-@given(tv=task_vectors(), density=densities)
-def test_magnitude_prune_keeps_at_most_ceil_density_n_per_module(tv, density):
-    deltas, weights = tv
-    out = magnitude_prune(deltas, weights, density=density)
-    for name, merged in out.items():
-        numel = merged.numel()
-        cap = math.ceil(density * numel)
-        # One module alone: at most ceil(density * n) nonzeros, and those are its largest entries.
-        single = magnitude_prune([deltas[0]], density=density)[name]
-        assert int(single.count_nonzero()) <= cap
-        kept = single != 0
-        if kept.any() and (~kept).any():
-            assert deltas[0][name][kept].abs().min() >= deltas[0][name][~kept].abs().max()
-        assert torch.equal(single[kept], deltas[0][name][kept])
-        # The sum: nonzero only where some module kept an entry, and equal to the reference.
-        kept_any = torch.zeros_like(merged, dtype=torch.bool)
-        for d in deltas:
-            kept_any |= magnitude_prune([d], density=density)[name] != 0
-        assert torch.all(merged[~kept_any] == 0)
-        assert int(merged.count_nonzero()) <= len(deltas) * cap
-        expected = sum(w * np_trim(d[name].double().numpy(), density) for w, d in zip(weights, deltas))
-        np.testing.assert_allclose(merged.double().numpy(), expected, rtol=1e-5, atol=1e-5)
-
-
-@FAST
-@given(tv=task_vectors(), density=st.sampled_from([0.1, 0.3, 0.5, 0.7, 0.9]),
-       seed=st.integers(0, 2**31 - 2), method=st.sampled_from(["dare_linear", "dare_ties"]))
-def test_dare_is_reproducible_by_seed(tv, density, seed, method):
-    deltas, weights = tv
-    assume(any(w != 0 for w in weights))
-    fn = dare_linear if method == "dare_linear" else dare_ties
-    first = fn(deltas, weights, density=density, seed=seed)
-    again = fn(deltas, weights, density=density, seed=seed)
-    other = fn(deltas, weights, density=density, seed=seed + 1)
-    assert all(torch.equal(first[k], again[k]) for k in first)
-    # 2-3 layers of >= 16 entries each: independent masks coincide with negligible probability.
-    assert not all(torch.equal(first[k], other[k]) for k in first)
-    # The inputs are not modified.
-    assert all(torch.equal(a[k], b[k]) for a, b in zip(deltas, tv[0]) for k in a)
-
-
-@FAST
-@given(n=st.integers(1, 3), ranks=st.lists(st.integers(1, 4), min_size=3, max_size=3),
-       scales=st.lists(st.sampled_from([0.5, 1.0, 2.0, 4.0]), min_size=3, max_size=3),
-       weights=st.lists(st.sampled_from([-1.0, 0.0, 0.5, 1.0, 3.0]), min_size=3, max_size=3),
-       seed=st.integers(0, 2**31 - 1))
-def test_cat_factors_product_is_the_linear_merge(n, ranks, scales, weights, seed):
-    gen = torch.Generator().manual_seed(seed)
-    shapes = {"x.weight": (8, 5), "y.weight": (6, 3)}
-    factors = [
-        {name: (torch.randn(ranks[i], fan_in, generator=gen), torch.randn(out, ranks[i], generator=gen), scales[i])
-         for name, (out, fan_in) in shapes.items()}
-        for i in range(n)
-    ]
-    ws = weights[:n]
-    merged = cat_factors(factors, ws)
-    # The same modules read as PEFT state dicts, through lora_factors / lora_deltas.
-    deltas = []
-    for i, f in enumerate(factors):
-        state = {}
-        for name, (a, b, _) in f.items():
-            module = name.removesuffix(".weight")
-            state[f"base_model.model.{module}.lora_A.weight"] = a
-            state[f"base_model.model.{module}.lora_B.weight"] = b
-        read = lora_factors(state, scales[i])
-        assert all(torch.equal(read[k][0], f[k][0]) and read[k][2] == scales[i] for k in f)
-        deltas.append(lora_deltas(state, scales[i]))
-    expected = linear(deltas, ws)
-    assert merged.keys() == expected.keys()
-    for name, (a_cat, b_cat, s) in merged.items():
-        assert s == 1.0 and a_cat.shape[0] == b_cat.shape[1] == sum(ranks[:n])
-        torch.testing.assert_close(s * b_cat @ a_cat, expected[name], rtol=1e-4, atol=1e-4)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().clone().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-class TwoLinear(torch.nn.Module):
-    def __init__(self, dtype):
-        super().__init__()
-        self.first = torch.nn.Linear(5, 8, dtype=dtype)
-        self.second = torch.nn.Linear(8, 3, bias=False, dtype=dtype)
-
-
-@FAST
-@given(dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), seed=st.integers(0, 2**31 - 1),
-       scale=st.sampled_from([1e-6, 1e-3, 1.0, 1e3]), names=st.sampled_from([["first.weight"],
-                                                                          ["first.weight", "second.weight"]]))
-def test_apply_then_revert_is_bit_exact_on_a_small_module(dtype, seed, scale, names):
-    torch.manual_seed(seed)
-    model = TwoLinear(dtype)
-    before = {k: bits(v) for k, v in model.state_dict().items()}
-    shapes = dict(model.named_parameters())
-    deltas = {name: torch.randn(shapes[name].shape) * scale for name in names}
-    expected = merged_weights(model, deltas=deltas)
-    handle = apply_in_place(model, deltas)
-    for name, p in model.named_parameters():
-        if name in deltas:
-            assert p.dtype == dtype and torch.equal(bits(p), bits(expected[name]))
-        else:
-            assert torch.equal(bits(p), before[name])
-    revert(model, handle)
-    after = {k: bits(v) for k, v in model.state_dict().items()}
-    assert after.keys() == before.keys()
-    assert all(torch.equal(after[k], before[k]) for k in before)
-
-
-@settings(max_examples=10, deadline=None, database=None)
-@given(seed=st.integers(0, 2**31 - 1), scale=st.sampled_from([1e-4, 1.0, 100.0]), raises=st.booleans())
-def test_applied_restores_the_tiny_model_bit_for_bit(tiny_model, seed, scale, raises):
-    params = dict(tiny_model.named_parameters())
-    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"]
-    gen = torch.Generator().manual_seed(seed)
-    deltas = {n: torch.randn(params[n].shape, generator=gen) * scale for n in names}
-    before = {k: bits(v) for k, v in tiny_model.state_dict().items()}
-    with pytest.raises(RuntimeError) if raises else _nothing():
-        with applied(tiny_model, deltas=deltas):
-            inside = dict(tiny_model.named_parameters())
-            assert not torch.equal(bits(inside[names[0]]), before[names[0]])
-            if raises:
-                raise RuntimeError("boom")
-    after = {k: bits(v) for k, v in tiny_model.state_dict().items()}
-    assert all(torch.equal(after[k], before[k]) for k in before)
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---------------------------------------------------------------------------------------------------
