@@ -1,5 +1,5 @@
-"""Property-based tests (hypothesis) for chunking and the answer metrics (the merge methods' properties are in
-test_merge.py).
+"""Property-based tests (hypothesis) for chunking on the bundled byte-level tokenizer (the merge methods' and the
+answer metrics' properties are in test_merge.py and test_metrics.py).
 
 Small inputs and few examples per property, so the whole file runs in seconds on a busy CPU.
 """
@@ -7,8 +7,6 @@ Small inputs and few examples per property, so the whole file runs in seconds on
 from __future__ import annotations
 
 import itertools
-import math
-import re
 import string
 
 import pytest
@@ -16,7 +14,6 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from loramem.corpus import chunk_text
-from loramem.metrics import bleu, exact_match, normalize_answer, rouge_l, token_f1
 from loramem.models import load_base
 
 FAST = settings(max_examples=40, deadline=None, database=None,
@@ -173,63 +170,3 @@ def test_ascii_chunks_overlap_exactly_when_asked(tokenizer, text, window):
         shared = [s for s in starts if nxt.start_char <= s < prev.end_char]
         assert len(shared) == overlap
         assert (nxt.start_char < prev.end_char) == (overlap > 0)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Metrics
-
-any_text = st.text(max_size=40)
-words = st.text(alphabet=string.ascii_letters + string.digits + " ,.!?'-", max_size=40)
-
-
-@settings(max_examples=60, deadline=None, database=None)
-@given(pred=st.one_of(any_text, words), ref=st.one_of(any_text, words))
-def test_scores_are_between_zero_and_one(pred, ref):
-    for score in (token_f1(pred, ref), rouge_l(pred, ref), bleu(pred, ref), rouge_l(pred, [ref, pred + ref])):
-        assert 0.0 <= score <= 1.0 and not math.isnan(score)
-
-
-@settings(max_examples=60, deadline=None, database=None)
-@given(text=st.one_of(any_text, words))
-def test_identical_answer_scores_one(text):
-    assert exact_match(text, text)
-    # SQuAD v2: F1 is 1 for identical answers, including two answers with no tokens.
-    assert token_f1(text, text) == 1.0
-    if normalize_answer(text).split() and re.search(r"[a-z0-9]", text.lower()):
-        # rouge-score only keeps ASCII letters and digits, so ROUGE-L needs one of those.
-        assert rouge_l(text, text) == pytest.approx(1.0)
-        assert rouge_l(text, ["zzz unrelated", text]) == pytest.approx(1.0)
-
-
-@settings(max_examples=60, deadline=None, database=None)
-@given(a=st.one_of(any_text, words), b=st.one_of(any_text, words))
-def test_exact_match_is_symmetric_and_implies_full_f1(a, b):
-    assert exact_match(a, b) == exact_match(b, a)
-    assert token_f1(a, b) == pytest.approx(token_f1(b, a))
-    if exact_match(a, b):
-        assert token_f1(a, b) == 1.0
-
-
-@st.composite
-def noisy(draw, text):
-    """The same answer up to case, punctuation, articles and whitespace."""
-    out = "".join(c.swapcase() if draw(st.booleans()) else c for c in text)
-    marks = draw(st.lists(st.tuples(st.integers(0, len(out)), st.sampled_from(string.punctuation)), max_size=4))
-    for pos, mark in sorted(marks, reverse=True):
-        out = out[:pos] + mark + out[pos:]
-    out = re.sub(" ", lambda _: draw(st.sampled_from([" ", "  ", " \t", "\n "])), out)
-    article = draw(st.sampled_from(["", "the ", "A ", "an ", "The. "]))
-    lead = draw(st.sampled_from(["", " ", " \t"]))
-    tail = draw(st.sampled_from(["", "the", "a"]))
-    return f"{lead}{article}{out} {tail}"
-
-
-@settings(max_examples=60, deadline=None, database=None)
-@given(data=st.data(), text=words)
-def test_exact_match_ignores_case_punctuation_articles(data, text):
-    variant = data.draw(noisy(text))
-    assert normalize_answer(variant) == normalize_answer(text)
-    assert exact_match(variant, text) and exact_match(text, variant)
-    assert token_f1(variant, text) == 1.0
-    other = data.draw(noisy(text))
-    assert exact_match(variant, other)
