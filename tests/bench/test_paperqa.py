@@ -64,10 +64,13 @@ def test_evaluation_questions_never_reach_training(tiny, data_dir, tmp_path):
     papers = paperqa.load(data_dir, "0")
     written = paperqa.write_format(memory, papers, "qa", SynthSpec(questions=2), generator, LoraSpec(rank=4),
                                    TrainSpec(epochs=1), progress=False)
-    assert generator.calls > 0 and written[0]["leaks_dropped"] >= 1
+    # Two questions: two prompts, one passage of the text each. Each reply holds the same two pairs: the first
+    # gives both, the second only repeats them; the evaluation question among them is dropped.
+    assert generator.calls == 2 and written[0]["leaks_dropped"] == 1
     trained = memory.examples(memory.store.get(written[0]["module"]))
-    assert trained and all("zorblat engines use" not in e.prompt.lower() for e in trained)
-    assert any("Who built the gears?" in e.prompt for e in trained)
+    assert [(e.prompt, e.answer) for e in trained] == [
+        ("Question: Who built the gears? Answer:", " Mira Tan built the gears in Oslo.")]
+    assert all("zorblat engines use" not in e.prompt.lower() for e in trained)
 
 
 def test_without_leaks_matches_normalised_text():
