@@ -32,7 +32,7 @@ def test_bad_layers(layers):
 
 def test_spec_to_peft_config():
     config = LoraSpec(rank=8, alpha=4, targets="ffn", layers="late", rslora=True, pissa=True).to_peft(30)
-    assert config.r == 8 and config.lora_alpha == 4 and config.use_rslora
+    assert config.r == 8 and config.lora_alpha == 4 and config.use_rslora is True
     assert set(config.target_modules) == {"gate_proj", "up_proj", "down_proj"}
     assert config.layers_to_transform == list(range(20, 30))
     assert config.init_lora_weights == "pissa"

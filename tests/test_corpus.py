@@ -1,14 +1,16 @@
 """Reading documents from real files, and cutting text into token chunks.
 
-The tokenizers are built in the test (a word-level one, and a byte-level BPE trained on a few
-sentences) so nothing is downloaded and no model is loaded.
+Chunking is checked on three tokenizers: two built in the test (a word-level one, and a byte-level BPE
+trained on a few sentences) and the bundled one, whose byte-level tokens split multi-byte characters.
 """
 
 import hashlib
+import itertools
+import string
 from functools import cache
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from pypdf import PdfWriter
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -16,6 +18,7 @@ from transformers import PreTrainedTokenizerFast
 
 from loramem.corpus import Chunk, Document, chunk_documents, chunk_text, content_id, read_documents
 from loramem.errors import LoramemError
+from loramem.models import load_base
 
 # --- tokenizers ----------------------------------------------------------------------------------
 
@@ -43,8 +46,14 @@ def bpe_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def token_starts(text: str, tokenizer) -> list[int]:
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     return [start for start, _ in encoding["offset_mapping"]]
+
+
+@pytest.fixture(scope="module")
+def bundled_tokenizer():
+    """The bundled SmolLM2 byte-level BPE (the tiny model's)."""
+    return load_base("tiny").tokenizer
 
 
 # --- file builders -------------------------------------------------------------------------------
@@ -324,23 +333,52 @@ def test_chunk_documents_labels_chunks_by_document():
     ]
 
 
-def check_chunks(text: str, tokenizer, chunk_tokens: int, overlap: int) -> None:
-    """The chunking guarantees, checked against the tokenizer's own offsets."""
+def split_at(prev, nxt) -> bool:
+    """Whether the character where `nxt` starts is also the last one of `prev` (its tokens were split)."""
+    return prev.text[-1:] == nxt.text[:1] != ""
+
+
+def check_chunks(text: str, tokenizer, chunk_tokens: int, overlap: int) -> list[Chunk]:
+    """The chunking guarantees, checked against the tokenizer's own offsets; returns the chunks."""
     chunks = chunk_text(text, tokenizer, chunk_tokens, overlap, doc_id="doc")
     n_tokens = len(token_starts(text, tokenizer))
     if n_tokens == 0:
-        assert chunks == []
-        return
+        assert chunks == []  # a text without tokens gives no chunks
+        return chunks
+    assert chunks, "a text with tokens must give chunks"
+    # Coverage: first starts at 0, last ends at len(text), each an exact slice, indices in order.
     assert chunks[0].start_char == 0 and chunks[-1].end_char == len(text)
+    step = chunk_tokens - overlap
     for index, chunk in enumerate(chunks):
         assert (chunk.doc_id, chunk.index) == ("doc", index)
+        assert 0 <= chunk.start_char <= chunk.end_char <= len(text)
         assert chunk.text == text[chunk.start_char : chunk.end_char]
+        # Window of the text's own tokens: chunk i holds tokens [i*step, min(i*step + C, n)).
         assert 1 <= chunk.n_tokens <= chunk_tokens
+        assert chunk.n_tokens == min(chunk_tokens, n_tokens - index * step)
     assert all(chunk.n_tokens == chunk_tokens for chunk in chunks[:-1])
+    # No gaps and never backwards: nothing is lost between consecutive chunks.
     for before, after in zip(chunks, chunks[1:]):
-        assert before.start_char <= after.start_char <= before.end_char  # no gap: every character covered
-    # Consecutive chunks share exactly `overlap` tokens, so the windows add up to the whole text.
+        assert before.start_char <= after.start_char <= before.end_char
+        assert before.end_char <= after.end_char
+        if overlap == 0:
+            # Exact tiling, except that a character whose tokens a window boundary splits is in both chunks.
+            assert after.start_char == before.end_char or (
+                after.start_char + 1 == before.end_char and split_at(before, after))
+    if overlap == 0:
+        if all(before.end_char == after.start_char for before, after in zip(chunks, chunks[1:])):
+            assert "".join(chunk.text for chunk in chunks) == text
+    # Consecutive chunks share exactly `overlap` tokens, so the windows add up to the whole text, and the last
+    # chunk reaches the last token.
     assert sum(chunk.n_tokens for chunk in chunks) - overlap * (len(chunks) - 1) == n_tokens
+    assert (len(chunks) - 1) * step + chunks[-1].n_tokens == n_tokens
+    # The union of the spans is the whole text.
+    covered = 0
+    for chunk in chunks:
+        assert chunk.start_char <= covered
+        covered = max(covered, chunk.end_char)
+    assert covered == len(text)
+    return chunks
 
 
 @st.composite
@@ -365,3 +403,101 @@ def test_chunk_guarantees_with_word_tokens(text, window):
 @given(st.text(max_size=120), windows())
 def test_chunk_guarantees_with_byte_level_bpe(text, window):
     check_chunks(text, bpe_tokenizer(), *window)
+
+
+# --- chunking on the bundled byte-level tokenizer ------------------------------------------------
+
+FAST = settings(max_examples=40, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+# Unicode text with plenty of whitespace, multi-byte characters (several byte-level tokens with one
+# character offset) and combining marks.
+texts = st.text(
+    alphabet=st.one_of(
+        st.characters(codec="utf-8"),
+        st.sampled_from(list(" \t\n\r\u00a0\u3000") + ["é", "日", "😀", "\u0301", "ß"]),
+        st.sampled_from(list(string.ascii_letters + string.digits + string.punctuation)),
+    ),
+    max_size=120,
+)
+ascii_texts = st.text(alphabet=string.printable, max_size=120)
+
+
+def longest_run_of_one_start(text: str, tokenizer) -> int:
+    """The most consecutive tokens of the text that start on the same character (starts made non-decreasing,
+    as chunk_text makes them)."""
+    starts = list(itertools.accumulate(token_starts(text, tokenizer), max))
+    longest = run = 0
+    for i, start in enumerate(starts):
+        run = run + 1 if i and start == starts[i - 1] else 1
+        longest = max(longest, run)
+    return longest
+
+
+@FAST
+@given(text=texts, window=windows())
+def test_chunks_cover_unicode_text_in_order(bundled_tokenizer, text, window):
+    check_chunks(text, bundled_tokenizer, *window)
+
+
+@FAST
+@given(text=texts, chunk_tokens=st.integers(5, 12), data=st.data())
+def test_chunks_share_characters_when_overlap_is_at_least_a_character(bundled_tokenizer, text, chunk_tokens, data):
+    # Byte-level tokens of one character (and BPE merges across a character's last byte) all report the same
+    # start, so a window or overlap no longer than such a run can lie inside one character: '\U00040000:'
+    # gives five tokens starting at character 0. Longer windows and overlaps always hold a character.
+    overlap = data.draw(st.integers(4, chunk_tokens - 1))
+    assume(overlap > longest_run_of_one_start(text, bundled_tokenizer))
+    chunks = check_chunks(text, bundled_tokenizer, chunk_tokens, overlap)
+    for c in chunks:
+        assert c.text, c
+    for prev, nxt in zip(chunks, chunks[1:]):
+        assert nxt.start_char < prev.end_char
+
+
+@FAST
+@given(text=texts, chunk_tokens=st.integers(4, 12))
+@example(text="\U00040000:\x08", chunk_tokens=6)  # five tokens start on its first character
+def test_chunks_longer_than_one_characters_tokens_are_never_empty(bundled_tokenizer, text, chunk_tokens):
+    # A window no longer than the tokens that start on one character can lie inside it and come out empty
+    # ('😀' is 3 tokens; '\U00040000:' is 5 tokens starting at character 0).
+    assume(chunk_tokens > longest_run_of_one_start(text, bundled_tokenizer))
+    for c in check_chunks(text, bundled_tokenizer, chunk_tokens, 0):
+        assert c.text, c
+
+
+@FAST
+@given(text=texts, window=windows())
+@example(text="\U00040000:\x08", window=(2, 0))  # five tokens start on one character: two windows inside it
+@example(text="a\U0001f600b", window=(1, 0))  # the emoji's three byte tokens, one window each
+def test_every_chunk_holds_the_characters_its_tokens_touch(bundled_tokenizer, text, window):
+    # However small the window, no chunk is empty and none loses part of a token: a character whose
+    # bytes are split between windows is in each of them.
+    chunk_tokens, overlap = window
+    chunks = check_chunks(text, bundled_tokenizer, chunk_tokens, overlap)
+    encoding = bundled_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    spans = encoding["offset_mapping"]
+    step = chunk_tokens - overlap
+    for i, c in enumerate(chunks):
+        assert c.text, c
+        for start, end in spans[i * step : i * step + c.n_tokens]:
+            assert c.start_char <= start and end <= c.end_char, (c, start, end)
+
+
+@FAST
+@given(text=ascii_texts, window=windows())
+def test_ascii_chunks_overlap_exactly_when_asked(bundled_tokenizer, text, window):
+    chunk_tokens, overlap = window
+    chunks = check_chunks(text, bundled_tokenizer, chunk_tokens, overlap)
+    starts = token_starts(text, bundled_tokenizer)
+    assert starts == sorted(set(starts))  # ASCII: one token per distinct character offset
+    for c in chunks:
+        assert c.text
+        # The text's tokens that begin inside the chunk (the first chunk also owns what precedes its
+        # first token) are exactly the chunk's n_tokens <= chunk_tokens tokens.
+        inside = [s for s in starts if c.start_char <= s < c.end_char]
+        assert len(inside) == c.n_tokens <= chunk_tokens
+    for prev, nxt in zip(chunks, chunks[1:]):
+        shared = [s for s in starts if nxt.start_char <= s < prev.end_char]
+        assert len(shared) == overlap
+        assert (nxt.start_char < prev.end_char) == (overlap > 0)

@@ -11,8 +11,14 @@ from loramem.models import BUNDLED, fingerprint, load_base, resolve, same_base
 
 def test_tiny_is_a_small_llama_with_the_bundled_tokenizer(tiny):
     assert tiny.model.config.model_type == "llama"
-    assert sum(p.numel() for p in tiny.model.parameters()) < 5_000_000
-    assert tiny.tokenizer("Question: hi").input_ids  # the real SmolLM2 tokenizer
+    # hidden 64, MLP 128, 4 layers, 4 query and 2 key/value heads of 16, embeddings tied to the output layer
+    vocab = len(tiny.tokenizer)
+    attention = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64
+    layer = attention + 3 * 64 * 128 + 2 * 64  # q, k, v, o; gate, up, down; two RMSNorms
+    assert sum(p.numel() for p in tiny.model.parameters()) == vocab * 64 + 4 * layer + 64 < 5_000_000
+    # the real SmolLM2 tokenizer: its 49152 byte-level BPE tokens
+    assert vocab == 49152
+    assert tiny.tokenizer.convert_ids_to_tokens(tiny.tokenizer("Question: hi").input_ids) == ["Question", ":", "Ġhi"]
     assert tiny.fingerprint["layers"] == 4
 
 

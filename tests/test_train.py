@@ -50,7 +50,7 @@ def test_packed_supervised_logits_match_plain_path(tiny, loss_on, row_tokens):
 def test_shared_prefix_is_computed_once(tiny):
     encoded = encode(tiny.tokenizer, EXAMPLES)
     n = shared_prefix(encoded)
-    assert n > 5  # "Question: What is the phone number of"
+    assert n == len(tiny.tokenizer("Question: What is the phone number of").input_ids)  # then " Ann", " Bo", " Carla"
     batch = pack(encoded, "answer", pad_id=tiny.tokenizer.pad_token_id)
     assert batch.input_ids.shape == (1, n + sum(len(e.ids) - n for e in encoded))
     assert pack(encoded, "all").input_ids.shape[1] == sum(len(e.ids) for e in encoded)
@@ -125,7 +125,10 @@ def test_cached_frozen_layers_match_plain_path(tiny):
             cache_frozen_layers(model, encoded, 2, bf16=False)
             assert encoded[0].hidden.shape == (len(encoded[0].ids), tiny.model.config.hidden_size)
             batch = pack(encoded, "answer")
-            assert batch.hidden is not None and batch.start_layer == 2
+            # one row: the shared prefix's hidden states once, then each example's own
+            n = shared_prefix(encoded)
+            expected = torch.cat([encoded[0].hidden[:n]] + [e.hidden[n:] for e in encoded])
+            assert torch.equal(batch.hidden, expected[None]) and batch.start_layer == 2
             torch.testing.assert_close(packed_losses(model, batch), reference, rtol=1e-4, atol=1e-4)
     assert len(tiny.model.model.layers) == 4  # the decoder got all its layers back
 

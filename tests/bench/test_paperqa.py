@@ -3,7 +3,7 @@ import json
 import pytest
 
 from loramem import LoraSpec, Memory, TrainSpec
-from loramem.bench import narrativeqa, paperqa, without_leaks
+from loramem.bench import paperqa, without_leaks
 from loramem.errors import LoramemError
 from loramem.synth import SynthSpec
 from loramem.train import Example
@@ -37,11 +37,6 @@ def data_dir(tmp_path, monkeypatch):
                       {"level": 2, "question": "Where were the gears built?", "answer": "In Oslo."}]}
               for i in range(2)]
     (root / paperqa.FILE).write_text(json.dumps(papers))
-    stories = [{"doc_id": f"s{i}", "summary": INTRO + f" This is story {i}.", "questions": [{"question": "Who built the gears?",
-                                                                  "answers": ["Mira Tan", "Mira Tan."]}]}
-               for i in range(2)]
-    (root / "narrativeqa").mkdir()
-    (root / narrativeqa.FILE).write_text("\n".join(json.dumps(s) for s in stories))
     return root
 
 
@@ -62,12 +57,15 @@ def test_evaluation_questions_never_reach_training(tiny, data_dir, tmp_path):
     generator = ScriptedGenerator()
     memory = Memory.open(tmp_path / "pq.mem", create=True, base=tiny)
     papers = paperqa.load(data_dir, "0")
-    written = paperqa.write_format(memory, papers, "qa", SynthSpec(questions=2), generator, LoraSpec(rank=4, layers="all"),
-                                   TrainSpec(epochs=1), progress=False)
-    assert generator.calls > 0 and written[0]["leaks_dropped"] >= 1
+    written = paperqa.write_format(memory, papers, "qa", SynthSpec(questions=2), generator,
+                                   LoraSpec(rank=4, layers="all"), TrainSpec(epochs=1), progress=False)
+    # Two questions: two prompts, one passage of the text each. Each reply holds the same two pairs: the first
+    # gives both, the second only repeats them; the evaluation question among them is dropped.
+    assert generator.calls == 2 and written[0]["leaks_dropped"] == 1
     trained = memory.examples(memory.store.get(written[0]["module"]))
-    assert trained and all("zorblat engines use" not in e.prompt.lower() for e in trained)
-    assert any("Who built the gears?" in e.prompt for e in trained)
+    assert [(e.prompt, e.answer) for e in trained] == [
+        ("Question: Who built the gears? Answer:", " Mira Tan built the gears in Oslo.")]
+    assert all("zorblat engines use" not in e.prompt.lower() for e in trained)
 
 
 def test_without_leaks_matches_normalised_text():
@@ -90,15 +88,6 @@ def test_format_table_runs_end_to_end(tiny, data_dir, tmp_path):
     assert [r["format"] for r in result["rows"]] == ["base (no module)", "icl (introduction in prompt)", "original", "qa"]
     assert result["questions"] == 4 and all(0.0 <= r["rouge_l"] <= 1.0 for r in result["rows"])
     assert result["rows"][0]["train_tokens"] == 0 and result["rows"][2]["train_tokens"] > 0
-
-
-def test_narrativeqa_grid_runs(tiny, data_dir, tmp_path):
-    memory = Memory.open(tmp_path / "nqa.mem", create=True, base=tiny)
-    result = narrativeqa.run(memory, narrativeqa.load(data_dir), "qa", SynthSpec(questions=2), ScriptedGenerator(),
-                             LoraSpec(rank=4, layers="all"), TrainSpec(epochs=1), router="bm25", progress=False)
-    cells = {(r["context"], r["modules"]) for r in result["rows"]}
-    assert cells == {(c, m) for c in ("none", "icl", "rag") for m in ("none", "single", "multi top-1", "multi top-2")}
-    assert result["questions"] == 2 and result["modules"] == 2
 
 
 def test_format_table_with_rag_rows_and_the_distill_objective(tiny, data_dir, tmp_path):

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from loramem.bench import phonebook
 from loramem.config import LoraSpec, TrainSpec
 from loramem.errors import LoramemError
 from loramem.experiments import runner
@@ -29,7 +30,10 @@ def test_cell_row_measures_the_module_it_wrote(tiny, no_paper_data):
     assert row["items"] == 5 and row["rank"] == 4 and row["layers"] == "last2"
     # the score is read through the answering weights; it agrees with the training's own recall check
     assert row["score"] == pytest.approx(row["train_recall"])
-    assert row["trainable_params"] > 0 and row["data_tokens"] > 5 * 10
+    # rank 4 on gate/up/down (64 <-> 128) of the last 2 of 4 layers: 2 * 3 * 4 * (64 + 128) LoRA numbers
+    assert row["trainable_params"] == 2 * 3 * 4 * (64 + 128) == 4608
+    lines = [item.line for item in phonebook.load("0.1K")]
+    assert row["data_tokens"] == sum(len(tiny.tokenizer(line, add_special_tokens=False).input_ids) for line in lines)
     assert row["bits_per_param"] == pytest.approx(row["score"] * 5 * runner.BITS_PER_NUMBER / row["trainable_params"])
 
 
@@ -103,4 +107,8 @@ def test_a_cell_runs_on_a_local_hugging_face_folder(tiny):
     folder = str(resolve("tiny"))  # the tiny model's converted folder, as a user's own model would be given
     row = runner.run_cell(Cell("phonebook", "0.1K", LoraSpec(rank=2, targets="ffn", layers="last2"), FAST, folder))
     assert row["model"] == folder and row["base_sha256"] == tiny.fingerprint["weights_sha256"][:16]
-    assert 0.0 <= row["score"] <= 1.0 and row["items"] == 5
+    assert row["items"] == 5 and row["trainable_params"] == 2 * 3 * 2 * (64 + 128)
+    # the same weights by folder as by name: the same module, measured the same
+    named = runner.run_cell(cell(2), tiny)
+    same = ("score", "train_recall", "trainable_params", "data_tokens", "steps")
+    assert {k: row[k] for k in same} == {k: named[k] for k in same}

@@ -17,9 +17,9 @@ def rows(rank: int, params: int, scores: dict[int, float]) -> list[dict]:
 def test_t_max_is_the_largest_size_every_smaller_size_also_held():
     grid = rows(1, 100, {1000: 1.0, 2000: 0.96, 4000: 0.5, 8000: 0.97})  # 8K passing again does not count
     best, censored = studies.t_max(grid, 0.95)
-    assert best["data_tokens"] == 2000 and not censored
+    assert best["data_tokens"] == 2000 and censored is False
     best, censored = studies.t_max(rows(1, 100, {1000: 1.0, 2000: 1.0}), 0.95)
-    assert best["data_tokens"] == 2000 and censored  # the largest size measured held: T_max is at least that
+    assert best["data_tokens"] == 2000 and censored is True  # the largest size measured held: T_max is at least that
     assert studies.t_max(rows(1, 100, {1000: 0.9}), 0.95) == (None, False)
 
 

@@ -80,17 +80,20 @@ def test_unreadable_cache_file_is_generated_again(fake, synth_cache):
     path.write_text("{ half a fi")
     examples, report = synthesize(DOC, SynthSpec(questions=1), generator)
     assert generator.calls == 2 and not report.cached and len(examples) == 1
-    assert json.loads(path.read_text())["value"]["pairs"]
+    assert json.loads(path.read_text())["value"]["pairs"] == [
+        {"question": "Who designed the Eiffel Tower?", "answer": "Gustave Eiffel"}]
 
 
 def test_cache_is_keyed_by_seed_and_count_and_can_be_bypassed(fake):
     generator = fake(lambda prompt: GOOD)
     synthesize(DOC, SynthSpec(questions=1), generator)
-    for spec, cache in [(SynthSpec(questions=1, seed=1), True), (SynthSpec(questions=2), True),
-                        (SynthSpec(questions=1), False)]:
-        calls = generator.calls
+    # Each generates anew: one prompt for one question; for two, a first round and a refinement round (the fake
+    # repeats its one question).
+    for spec, cache, calls in [(SynthSpec(questions=1, seed=1), True, 1), (SynthSpec(questions=2), True, 2),
+                               (SynthSpec(questions=1), False, 1)]:
+        before = generator.calls
         synthesize(DOC, spec, generator, cache=cache)
-        assert generator.calls > calls
+        assert generator.calls == before + calls
 
 
 def test_summaries_and_rewrites(fake):
@@ -110,7 +113,13 @@ def test_long_text_is_generated_per_chunk(fake):
     chunks = split_text(doc.text, 100, None, doc.id)
     assert len(chunks) > 1
     assert report.asked == {"qa": 7, "summary": len(chunks)}  # questions are per document, summaries per chunk
-    assert report.produced["qa"] == 1 and report.duplicates > 0  # every chunk gave the same question
+    # Every prompt gave the same question. A chunk asked k >= 1 questions keeps it from its first reply; the other
+    # k - 1 prompts of the first round and the k - 1 of the refinement round repeat it, and so does every chunk
+    # after the first.
+    counts = [7 // len(chunks) + (i < 7 % len(chunks)) for i in range(len(chunks))]
+    asked = [k for k in counts if k]
+    assert report.produced["qa"] == 1 and report.dropped_unsupported == 0
+    assert report.duplicates == sum(2 * (k - 1) for k in asked) + len(asked) - 1
     assert [e.prompt for e in examples if e.prompt.startswith("Summary")] == [
         f"Summary of document {doc.id} part {i}/{len(chunks)}:\n" for i in range(1, len(chunks) + 1)]
 

@@ -34,8 +34,8 @@ def load(key: dict) -> dict | None:
     """The stored value for the key, or None when there is none (or it cannot be read)."""
     key = _canonical(key)
     try:
-        stored = json.loads(_path(key).read_text())
-    except (OSError, json.JSONDecodeError):
+        stored = json.loads(_path(key).read_text(encoding="utf-8", errors="surrogatepass"))
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
         return None
     return stored.get("value") if isinstance(stored, dict) and stored.get("key") == key else None
 
@@ -46,7 +46,8 @@ def store(key: dict, value: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
+        # surrogatepass: generated text may hold lone surrogates (from JSON escapes), which strict UTF-8 refuses
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogatepass") as f:
             json.dump({"key": key, "value": value}, f, ensure_ascii=False, indent=1)
         os.replace(tmp, path)
     except BaseException:
