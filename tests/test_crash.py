@@ -28,7 +28,10 @@ PEOPLE = [("Ann Lee", "603-556-7631"), ("Bo Kim", "705-882-9365"), ("Cy Ortega",
           ("Di Novak", "319-450-2298")]
 FACTS = "".join(f"Question: What is the phone number of {name}? Answer: {phone}\n" for name, phone in PEOPLE)
 # --shard-tokens 30: each ~25-token fact is a module of its own, so one write commits len(PEOPLE) modules.
-WRITE = ("--model", "tiny", "--rank", "8", "--lr", "1e-2", "--epochs", "80", "--shard-tokens", "30", "--json")
+# Every layer, a linear decay to zero over all 80 epochs, the whole softmax (sample_facts.LINEAR_TO_ZERO): the recipe
+# whose timing the kill delays below were chosen for.
+WRITE = ("--model", "tiny", "--rank", "8", "--lr", "1e-2", "--epochs", "80", "--layers", "all", "--decay-epochs", "80",
+         "--lr-floor", "0", "--candidates", "0", "--shard-tokens", "30", "--json")
 MODULE_FILES = {"adapter_config.json", "adapter_model.safetensors", "examples.jsonl"}
 MAX_DELAY = 1.5  # seconds after the kill point's event; about one module's training on this machine
 MAX_STAGING_DELAY = 0.05  # a module is saved and committed within some tens of milliseconds
