@@ -3,11 +3,8 @@ run over HTTP against a small fake OpenAI-compatible server."""
 
 from __future__ import annotations
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
+from fake_openai import FakeServer, chat_reply
 
 from loramem.bench import paperqa
 from loramem.bench.judge import Judge, parse_score
@@ -87,41 +84,26 @@ def test_paperqa_means_leave_out_answers_the_judge_could_not_score():
 @pytest.fixture
 def fake_endpoint():
     """A fake OpenAI-compatible /v1/chat/completions answering each user message from `replies` (by answer text)."""
-    seen, replies = [], {}
+    replies = {}
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append((self.path, dict(self.headers), body))
-            answer = body["messages"][-1]["content"].split("Answer to grade: ")[1].split("\n")[0]
-            data = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant",
-                                                                    "content": replies[answer]}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def respond(body):
+        return chat_reply(replies[body["messages"][-1]["content"].split("Answer to grade: ")[1].split("\n")[0]])
 
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1", seen, replies
-    httpd.shutdown()
-    httpd.server_close()
+    server = FakeServer(respond)
+    yield server, replies
+    server.close()
 
 
 def test_a_judge_behind_an_openai_compatible_endpoint(fake_endpoint):
-    url, seen, replies = fake_endpoint
+    server, replies = fake_endpoint
     replies |= {"Quantum gears.": "10", "Steam.": "Score: 2/10", "(no answer)": "", "Coal.": None}
-    judge = Judge(OpenAIGenerator(model="judge-model", base_url=url, api_key="sk-judge"), seed=5)
+    judge = Judge(OpenAIGenerator(model="judge-model", base_url=server.url, api_key="sk-judge"), seed=5)
     answers = ["Quantum gears.", "Steam.", "", "Coal."]
     scores = judge.score(["What do Zorblat engines use?"] * 4, ["They use quantum gears."] * 4, answers)
     assert scores == [10.0, 2.0, None, None]  # an empty or null content holds no score
-    assert all(path == "/v1/chat/completions" for path, _, _ in seen)
-    assert all(headers["Authorization"] == "Bearer sk-judge" for _, headers, _ in seen)
-    bodies = sorted((body for _, _, body in seen), key=lambda body: body["seed"])
+    assert server.paths == ["/v1/chat/completions"] * len(answers)
+    assert all(headers["Authorization"] == "Bearer sk-judge" for headers, _ in server.requests)
+    bodies = sorted((body for _, body in server.requests), key=lambda body: body["seed"])
     prompts = [EXPECTED_PROMPT.format(answer=a or "(no answer)") for a in answers]
     assert bodies == [{"model": "judge-model", "messages": [{"role": "user", "content": prompt}], "max_tokens": 8,
                        "temperature": 0.0, "seed": 5 + i}  # each prompt its own seed

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from fake_openai import FakeServer, chat_reply
 
 from loramem.corpus import Document
 from loramem.errors import LoramemError
@@ -15,42 +14,6 @@ from loramem.synth import OpenAIGenerator, SynthSpec, synthesize
 
 DOC = Document.from_text("The Eiffel Tower in Paris was designed by Gustave Eiffel and completed in 1889.")
 PAIRS = json.dumps([{"question": "Who designed the Eiffel Tower?", "answer": "Gustave Eiffel"}])
-
-
-class FakeServer:
-    """Answers POST /v1/chat/completions with respond(request body) -> (status, JSON-able body)."""
-
-    def __init__(self, respond):
-        self.requests: list[tuple[dict, dict]] = []  # (headers, body)
-        self.respond = respond
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append((dict(self.headers), body))
-                status, reply = server.respond(body) if self.path == "/v1/chat/completions" else (404, {})
-                data = json.dumps(reply).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def chat_reply(content: str) -> tuple[int, dict]:
-    return 200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
 
 
 @pytest.fixture
