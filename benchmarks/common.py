@@ -27,3 +27,10 @@ def rotations(names: list[str], rounds: int) -> Iterator[list[str]]:
     first variant (an A/A pair of identical runs measured 1.024x apart)."""
     for r in range(rounds):
         yield names[r % len(names):] + names[: r % len(names)]
+
+
+def recipe_kwargs(text: str) -> tuple[dict, dict]:
+    """A recipe given on a benchmark's command line, "lr=1e-2,epochs=60,lora_layers='last1'": (LoraSpec keyword
+    arguments: the `lora_*` keys without their prefix, TrainSpec and any other keyword arguments)."""
+    kw = eval(f"dict({text})")  # noqa: S307 - a benchmark's own command line
+    return {k[len("lora_"):]: kw.pop(k) for k in list(kw) if k.startswith("lora_")}, kw

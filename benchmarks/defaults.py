@@ -26,6 +26,8 @@ from loramem.config import LoraSpec, TrainSpec
 from loramem.memory import Memory
 from loramem.precision import hardware, run_precision
 
+from common import recipe_kwargs
+
 RECIPES = {
     # Before issue 19: every layer, the whole-vocabulary softmax, a decay to zero over 16 epochs.
     "old": (LoraSpec(rank=4, layers="all"), TrainSpec(lr=5e-3, epochs=16, decay_epochs=None, lr_floor=0.0, candidates=0)),
@@ -39,8 +41,7 @@ RECIPES = {
 def recipe(text: str) -> tuple[LoraSpec, TrainSpec]:
     if text in RECIPES:
         return RECIPES[text]
-    kw = eval(f"dict({text})")  # noqa: S307 - a benchmark's own command line
-    lora_kw = {k[len("lora_"):]: kw.pop(k) for k in list(kw) if k.startswith("lora_")}
+    lora_kw, kw = recipe_kwargs(text)
     return replace(LoraSpec(), **lora_kw), replace(TrainSpec(), **kw)
 
 

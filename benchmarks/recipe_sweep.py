@@ -23,6 +23,8 @@ from loramem.config import LoraSpec, TrainSpec, data_dir
 from loramem.models import load_base
 from loramem.train import _loss, attached, cache_frozen_layers, encode, first_trainable_layer, pack, train
 
+from common import recipe_kwargs
+
 
 def start_on_gradient(model, tokenizer, examples, spec: TrainSpec) -> None:
     """Point each LoRA A at its weight gradient's top right singular vectors, at the norm it was given."""
@@ -55,8 +57,7 @@ def main() -> None:
           "generated (no data directory: set LORAMEM_DATA for the paper's file)", flush=True)
     walls, exact = [], 0
     for recipe in sys.argv[1:]:
-        kw = eval(f"dict({recipe})")  # noqa: S307 - a benchmark's own command line
-        lora_kw = {k[len("lora_"):]: kw.pop(k) for k in list(kw) if k.startswith("lora_")}
+        lora_kw, kw = recipe_kwargs(recipe)
         start_from = kw.pop("start", "random")
         if start_from not in ("random", "gradient"):
             sys.exit(f"error: start must be 'random' or 'gradient', got {start_from!r}")
