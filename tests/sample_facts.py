@@ -15,3 +15,9 @@ SIX_FACTS = facts_from_text(
 # whole-vocabulary softmax. The defaults (layers "auto", a held floor, a candidate softmax) are calibrated on SmolLM2;
 # the tiny random model's 64-wide layers hold far less per layer, and its tests train a step or two per epoch.
 LINEAR_TO_ZERO = dict(decay_epochs=None, lr_floor=0.0, candidates=0)
+
+
+def linear_to_zero_flags(epochs: int) -> tuple[str, ...]:
+    """LINEAR_TO_ZERO on every layer over `epochs`, as `loramem write` options."""
+    return ("--epochs", str(epochs), "--layers", "all", "--decay-epochs", str(epochs), "--lr-floor", "0",
+            "--candidates", "0")

@@ -6,10 +6,9 @@ import subprocess
 import sys
 
 import pytest
+from sample_facts import linear_to_zero_flags
 
 FACTS = "Question: What is the phone number of Ann Lee? Answer: 603-556-7631\n"
-# sample_facts.LINEAR_TO_ZERO on every layer, as options (a decay over all 80 epochs is --decay-epochs 80)
-TINY_RECIPE = ("--layers", "all", "--decay-epochs", "80", "--lr-floor", "0", "--candidates", "0")
 
 
 def loramem(*args, cwd=None):
@@ -23,7 +22,7 @@ def memory(tmp_path_factory, tiny):
     root = tmp_path_factory.mktemp("cli")
     (root / "facts.txt").write_text(FACTS)
     out = loramem("write", root / "m", root / "facts.txt", "--model", "tiny", "--rank", "8", "--lr", "1e-2",
-                  "--epochs", "80", *TINY_RECIPE, "--json")
+                  *linear_to_zero_flags(80), "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["recall"] == 1.0
     return root / "m"

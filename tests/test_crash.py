@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from sample_facts import linear_to_zero_flags
 
 from loramem import LoraSpec, Memory, TrainSpec, facts_from_text
 from loramem.answer import read_adapter
@@ -28,10 +29,8 @@ PEOPLE = [("Ann Lee", "603-556-7631"), ("Bo Kim", "705-882-9365"), ("Cy Ortega",
           ("Di Novak", "319-450-2298")]
 FACTS = "".join(f"Question: What is the phone number of {name}? Answer: {phone}\n" for name, phone in PEOPLE)
 # --shard-tokens 30: each ~25-token fact is a module of its own, so one write commits len(PEOPLE) modules.
-# Every layer, a linear decay to zero over all 80 epochs, the whole softmax (sample_facts.LINEAR_TO_ZERO): the recipe
-# whose timing the kill delays below were chosen for.
-WRITE = ("--model", "tiny", "--rank", "8", "--lr", "1e-2", "--epochs", "80", "--layers", "all", "--decay-epochs", "80",
-         "--lr-floor", "0", "--candidates", "0", "--shard-tokens", "30", "--json")
+# linear_to_zero_flags: the recipe whose timing the kill delays below were chosen for.
+WRITE = ("--model", "tiny", "--rank", "8", "--lr", "1e-2", *linear_to_zero_flags(80), "--shard-tokens", "30", "--json")
 MODULE_FILES = {"adapter_config.json", "adapter_model.safetensors", "examples.jsonl"}
 MAX_DELAY = 1.5  # seconds after the kill point's event; about one module's training on this machine
 MAX_STAGING_DELAY = 0.05  # a module is saved and committed within some tens of milliseconds
