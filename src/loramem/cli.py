@@ -274,7 +274,7 @@ def ask(
     """Ask MEMORY a question."""
     from loramem.memory import Memory
 
-    answer = Memory.open(memory, model=model).ask(
+    answer = Memory.open(memory, model=model, answer_only=True).ask(
         question, mode=mode, module=module, router=router, top_k=top_k, merge=merge, threshold=threshold,
         max_new_tokens=max_new_tokens,
     )

@@ -111,8 +111,10 @@ def data_hash(examples: list[Example]) -> str:
 class Memory:
     """A folder of memory modules over one base model."""
 
-    def __init__(self, path: Path, model: str, store: Store | None, base: Base | None = None, prompt: str = "plain"):
+    def __init__(self, path: Path, model: str, store: Store | None, base: Base | None = None, prompt: str = "plain",
+                 answer_only: bool = False):
         self.path = path
+        self.answer_only = answer_only  # the base loads without transformers' model code (models.load_base)
         self.model_name = model
         self.store = store  # None until the first module is committed
         self.prompt = store.meta().get("prompt", "plain") if store else prompt  # see answer.PROMPT_STYLES
@@ -124,13 +126,14 @@ class Memory:
 
     @classmethod
     def open(cls, path: str | Path, model: str | None = None, create: bool = False, base: Base | None = None,
-             prompt: str | None = None) -> Memory:
+             prompt: str | None = None, answer_only: bool = False) -> Memory:
         """Open a memory; with create=True a missing one is created on the first write.
 
         `model` defaults to the memory's own base model (or smollm2-135m for a new memory); a different
         one is refused when loaded. `base` passes an already loaded model (it must be the same one).
         `prompt` is the prompt style of a new memory (answer.PROMPT_STYLES; default plain); an existing memory
-        keeps its own, and asking for another is refused.
+        keeps its own, and asking for another is refused. `answer_only` is for a process that only asks (the CLI's
+        `ask`): its base model loads faster and cannot be trained.
         """
         if prompt is not None and prompt not in PROMPT_STYLES:
             raise LoramemError(f"unknown prompt style {prompt!r}; choose one of {', '.join(PROMPT_STYLES)}")
@@ -140,17 +143,17 @@ class Memory:
         empty_folder = path.is_dir() and not any(path.iterdir())
         if not create or (path.exists() and not empty_folder):
             store = Store.open(path)
-            memory = cls(path, model or store.base_model, store, base)
+            memory = cls(path, model or store.base_model, store, base, answer_only=answer_only)
             if prompt is not None and prompt != memory.prompt:
                 raise LoramemError(f"{path} was written with {memory.prompt} prompts; it cannot take {prompt} ones")
             return memory
-        return cls(path, model or (base.name if base else DEFAULT_MODEL), None, base, prompt or "plain")
+        return cls(path, model or (base.name if base else DEFAULT_MODEL), None, base, prompt or "plain", answer_only)
 
     @property
     def base(self) -> Base:
         if self._base is None:
             self._check_base(cached_fingerprint(self.model_name), self.model_name)  # fail before loading
-            self._base = load_base(self.model_name)
+            self._base = load_base(self.model_name, answer_only=self.answer_only)
         self._check_base(self._base.fingerprint, self._base.name)
         return self._base
 
