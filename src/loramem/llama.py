@@ -257,10 +257,12 @@ def _prefill_mask(attention_mask: torch.Tensor) -> torch.Tensor | None:
 
 @torch.no_grad()
 def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int,
-           pad_token_id: int, on_prefill=None) -> torch.Tensor:
+           pad_token_id: int, on_prefill=None, choose=None) -> torch.Tensor:
     """The prompts (left-padded) followed by their greedy continuations, as `model.generate(do_sample=False)`
     returns them: rows that reached EOS continue with `pad_token_id`; generation stops when every row has ended or
-    after `max_new_tokens`. `on_prefill()` is called once the first new token's logits are computed."""
+    after `max_new_tokens`. `on_prefill()` is called once the first new token's logits are computed. `choose(logits)`
+    picks every row's next token from all rows' last logits (default: each row's own argmax; loramem.mix gives the
+    rows of one question the token of their combined distributions)."""
     dtype = model.model.embed_tokens.weight.dtype
     padded = not bool(attention_mask.all())
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
@@ -271,7 +273,7 @@ def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     out, unfinished = [input_ids], torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     mask = attention_mask
     for made in range(max_new_tokens):
-        token = logits.to(torch.float32).argmax(-1)
+        token = logits.to(torch.float32).argmax(-1) if choose is None else choose(logits)
         token = torch.where(unfinished, token, torch.full_like(token, pad_token_id))
         out.append(token[:, None])
         unfinished &= token != eos_token_id
