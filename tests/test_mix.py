@@ -121,3 +121,11 @@ def test_bad_compositions_are_refused(tiny, folders):
         generate_composed(tiny.model, tiny.tokenizer, PROMPTS[:1], [[prepared]], [[1.0]], "vote")
     with pytest.raises(LoramemError, match="same number"):
         generate_composed(tiny.model, tiny.tokenizer, PROMPTS, [[prepared], [prepared, None]], [[1.0], [1.0, 1.0]])
+
+
+def test_rows_of_weight_zero_never_decide():
+    p = torch.tensor([[[0.5, 0.3, 0.2]], [[0.98, 0.01, 0.01]]])  # one question; row 1 is the more confident
+    composer = Composer("select", torch.tensor([[1.0, 0.0]]))
+    assert composer(p.log().view(2, 3)).tolist() == [0, 0] and composer.supplied[0].tolist() == [0]
+    mixed = Composer("mix", torch.tensor([[1.0, 0.0]]))
+    assert mixed(torch.tensor([[0.1, 0.2, 0.7], [9.0, 0.0, 0.0]]).log()).tolist() == [2, 2]

@@ -93,6 +93,7 @@ class Composer:
             supplier = share.argmax(0)
         else:
             entropy = -(logp.exp() * logp).sum(-1)  # (k, n)
+            entropy = entropy.masked_fill(self.weights.T.to(entropy.device) == 0, torch.inf)  # filler rows never decide
             supplier = entropy.argmin(0)
             token = logp[supplier, torch.arange(n, device=logp.device)].argmax(-1)
         self.supplied.append(supplier)
