@@ -4,8 +4,10 @@
     memory.write(facts_from_file("facts.txt"), lora=LoraSpec(rank=4))
     memory.ask("What is the phone number of Jeffrey Buck?").text
 
-It wires the rooms together (models -> train -> store; store -> answer) and adds no logic of its own
-beyond deciding which base model and modules a call uses.
+It wires the rooms together and adds no logic of its own beyond deciding which base model and modules a call
+uses: write is examples (corpus.py, synth/) -> prompts.py -> executor.py (train/) -> store.py; ask is
+route.py -> answer.py (merge.py) with prompts.py. (Over 400 lines: the class is the whole public API, one
+documented method per call.)
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import functools
 import hashlib
 import json
 import logging
-import math
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -34,7 +35,7 @@ from loramem.models import (
     resolve,
     same_base,
 )
-from loramem.examples import Example, data_hash
+from loramem.examples import Example, data_hash, even_shards
 from loramem.prompts import check_style, documents_context, fit_context, module_context, render_example, render_prompt
 from loramem.route import Hit, IndexCache, Router, make_router
 from loramem.store import MANIFEST, ModuleRecord, Store, now, write_module_files, writer_lock
@@ -233,16 +234,7 @@ class Memory:
             raise LoramemError(f"shard size must be at least 1 token, got {shard_tokens}")
         tokenizer = self.base.tokenizer
         sizes = [len(tokenizer(e.prompt + e.answer, add_special_tokens=False).input_ids) for e in examples]
-        even = sum(sizes) / max(1, math.ceil(sum(sizes) / shard_tokens))
-        shards: list[list[Example]] = [[]]
-        used = 0
-        for e, size in zip(examples, sizes):
-            if shards[-1] and (used + size > shard_tokens or used >= even):
-                shards.append([])
-                used = 0
-            shards[-1].append(e)
-            used += size
-        batches = ((shard, f"{name}-{i}", (), None) for i, shard in enumerate(shards))
+        batches = ((shard, f"{name}-{i}", (), None) for i, shard in enumerate(even_shards(examples, sizes, shard_tokens)))
         for record, _ in self._write_modules(batches, lora, train_spec, progress, executor):
             yield record
 
