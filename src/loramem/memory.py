@@ -234,7 +234,8 @@ class Memory:
             raise LoramemError(f"shard size must be at least 1 token, got {shard_tokens}")
         tokenizer = self.base.tokenizer
         sizes = [len(tokenizer(e.prompt + e.answer, add_special_tokens=False).input_ids) for e in examples]
-        batches = ((shard, f"{name}-{i}", (), None) for i, shard in enumerate(even_shards(examples, sizes, shard_tokens)))
+        shards = even_shards(examples, sizes, shard_tokens)
+        batches = ((shard, f"{name}-{i}", (), None) for i, shard in enumerate(shards))
         for record, _ in self._write_modules(batches, lora, train_spec, progress, executor):
             yield record
 

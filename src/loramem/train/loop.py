@@ -25,7 +25,8 @@ from loramem.errors import LoramemError
 from loramem.examples import Example
 from loramem.precision import autocast, use_bf16
 from loramem.train.distill import distill_layers, distill_loss, teacher_targets
-from loramem.train.forward import cache_frozen_layers, causal_lm, first_trainable_layer, supervised_logits, supervised_outputs
+from loramem.train.forward import (cache_frozen_layers, causal_lm, first_trainable_layer, supervised_logits,
+                                   supervised_outputs)
 from loramem.train.pack import Batch, Encoded, encode, pack
 from loramem.train.score import examples_recalled, exact_check, recall
 

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class Encoded:
+    """One example as token ids (prompt, answer, EOS), with what is cached for it before training."""
+
     ids: list[int]
     n_prompt: int  # tokens before the answer
     n_answer: int  # answer tokens, not counting the closing EOS
@@ -40,6 +42,8 @@ def encode(tokenizer, examples: list[Example], max_tokens: int = 4096) -> list[E
 
 @dataclass
 class Batch:
+    """Examples packed into rows: what the model reads, and where each label sits."""
+
     input_ids: torch.Tensor  # (rows, T)
     position_ids: torch.Tensor  # (rows, T)
     attention_mask: torch.Tensor  # (rows, 1, T, T) bool, block-diagonal causal
