@@ -37,7 +37,7 @@ def main() -> None:
         stages[name] = now - mark[0]
         mark[0] = now
 
-    import torch
+    import torch  # noqa: F401 - the stage measures this import
 
     stage("import_torch")
     import loramem.cli  # noqa: F401 - what `loramem ask` imports before it runs

@@ -26,7 +26,7 @@ from loramem.answer import module_applied
 from loramem.config import LoraSpec
 from loramem.merge import MergeCache, fused, low_rank
 from loramem.models import load_base
-from loramem.train import attached, save_adapter
+from loramem.train.adapters import attached, save_adapter
 
 from common import rotations
 

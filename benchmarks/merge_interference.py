@@ -3,7 +3,7 @@
     python benchmarks/merge_interference.py --memory runs/sectors.mem [--facts 32] [--json]
 
 Takes the first module of the memory and its first `--facts` training examples, and reads each answer
-teacher-forced (greedy exact match, `train.teacher_forced`) with: the module alone; the module alone trimmed by
+teacher-forced (greedy exact match, `train.score.teacher_forced`) with: the module alone; the module alone trimmed by
 TIES at densities 1.0, 0.5 and 0.2; and the module merged with the next two modules by TIES (density 0.5 and 1.0),
 the linear average and the plain sum (weights 1).
 """
@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from loramem.answer import modules_applied
-from loramem.train import teacher_forced
+from loramem.train.score import teacher_forced
 
 from common import open_memory
 

@@ -21,7 +21,10 @@ import torch
 from loramem.bench import phonebook as pb
 from loramem.config import LoraSpec, TrainSpec, data_dir
 from loramem.models import load_base
-from loramem.train import _loss, attached, cache_frozen_layers, encode, first_trainable_layer, pack, train
+from loramem.train.adapters import attached
+from loramem.train.forward import cache_frozen_layers, first_trainable_layer
+from loramem.train.loop import _loss, train
+from loramem.train.pack import encode, pack
 
 from common import recipe_kwargs
 

@@ -26,13 +26,15 @@ from pathlib import Path
 
 import torch
 
-from loramem.answer import closed_book_prompt
+from loramem.prompts import closed_book_prompt
 from loramem.bench import phonebook as pb
 from loramem.config import LoraSpec, TrainSpec
 from loramem.models import load_base
 from loramem.precision import autocast, use_bf16
-from loramem.train import (_loss, attached, cache_frozen_layers, candidate_vocab, encode,
-                           first_trainable_layer, pack)
+from loramem.train.adapters import attached
+from loramem.train.forward import cache_frozen_layers, first_trainable_layer
+from loramem.train.loop import _loss, candidate_vocab
+from loramem.train.pack import encode, pack
 
 from common import rotations
 
@@ -191,7 +193,7 @@ def answer_latency(base, rank: int, reps: int) -> dict:
 
     from loramem.answer import adapter_scale, module_applied, read_adapter
     from loramem.merge import MergeCache, applied, lora_factors, merged_weights
-    from loramem.train import save_adapter
+    from loramem.train.adapters import save_adapter
 
     enc = base.tokenizer([closed_book_prompt("What is the phone number of Jeffrey Buck?")], return_tensors="pt")
 

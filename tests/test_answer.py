@@ -4,7 +4,7 @@ import torch
 from loramem.answer import Caches, module_applied, modules_applied
 from loramem.config import LoraSpec
 from loramem.errors import LoramemError
-from loramem.train import attached, save_adapter
+from loramem.train.adapters import attached, save_adapter
 
 
 def _random_module(tiny, folder, seed: int, **spec):

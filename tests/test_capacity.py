@@ -101,7 +101,7 @@ def test_answer_bits_are_the_base_models_surprisal_at_the_answers(tiny):
     import torch
 
     from loramem.capacity import answer_bits
-    from loramem.train import Example
+    from loramem.examples import Example
 
     examples = [Example("Question: Who wrote Hamlet? Answer:", " Shakespeare"), Example("Q: 2+2? A:", " 4")]
     expected = 0.0
@@ -117,7 +117,7 @@ def test_answer_bits_are_the_base_models_surprisal_at_the_answers(tiny):
 
 def test_a_write_resolves_auto_layers_from_the_facts(tiny, tmp_path):
     from loramem.capacity import answer_bits, auto_layers
-    from loramem.memory import facts_from_text
+    from loramem.corpus import facts_from_text
 
     facts = facts_from_text("Question: What is the code of Ada? Answer: 4471\n")
     memory = Memory.open(tmp_path / "m", model="tiny", create=True)

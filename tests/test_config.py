@@ -40,7 +40,7 @@ def test_spec_to_peft_config():
 
 
 def test_spec_builds_adapters_only_where_asked(tiny):
-    from loramem.train import attached
+    from loramem.train.adapters import attached
 
     with attached(tiny.model, LoraSpec(rank=2, targets="ffn", layers="0-1")) as model:
         adapted = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if "lora_A" in n}

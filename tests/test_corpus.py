@@ -1,4 +1,4 @@
-"""Reading documents from real files, and cutting text into token chunks.
+"""Reading documents and facts files from real files, and cutting text into token chunks.
 
 Chunking is checked on three tokenizers: two built in the test (a word-level one, and a byte-level BPE
 trained on a few sentences) and the bundled one, whose byte-level tokens split multi-byte characters.
@@ -16,8 +16,10 @@ from pypdf import PdfWriter
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from loramem.corpus import Chunk, Document, chunk_documents, chunk_text, content_id, read_documents
+from loramem.corpus import (Chunk, Document, chunk_documents, chunk_text, content_id, facts_from_file, facts_from_text,
+                            read_documents)
 from loramem.errors import LoramemError
+from loramem.examples import Example
 from loramem.models import load_base
 
 # --- tokenizers ----------------------------------------------------------------------------------
@@ -501,3 +503,25 @@ def test_ascii_chunks_overlap_exactly_when_asked(bundled_tokenizer, text, window
         shared = [s for s in starts if nxt.start_char <= s < prev.end_char]
         assert len(shared) == overlap
         assert (nxt.start_char < prev.end_char) == (overlap > 0)
+
+
+# --- facts files ---------------------------------------------------------------------------------
+
+FACTS = "Question: What is the phone number of Ann Lee? Answer: 603-556-7631\nQuestion: What is the phone number of Bo Kim? Answer: 705-882-9365\n"
+
+
+def test_facts_parsing():
+    examples = facts_from_text(FACTS + "\n  The sky is green.  \n")
+    assert examples[0] == Example("Question: What is the phone number of Ann Lee? Answer:", " 603-556-7631")
+    assert examples[2] == Example("", "The sky is green.")
+
+
+@pytest.mark.parametrize("content,message", [(b"", "no facts"), (b"\n \n", "no facts"), (b"caf\xe9\n", "not UTF-8"),
+                                             (b"\x00\x01bin", "binary")])
+def test_bad_facts_files(tmp_path, content, message):
+    path = tmp_path / "facts.txt"
+    path.write_bytes(content)
+    with pytest.raises(LoramemError, match=message):
+        facts_from_file(path)
+    with pytest.raises(LoramemError, match="no such file"):
+        facts_from_file(tmp_path / "missing.txt")

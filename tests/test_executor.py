@@ -13,7 +13,7 @@ from loramem.corpus import Document
 from loramem.errors import LoramemError
 from loramem.executor import InProcess, make_executor
 from loramem.synth import SynthSpec
-from loramem.train import Example
+from loramem.examples import Example
 from sample_facts import SIX_FACTS as FACTS, LINEAR_TO_ZERO
 
 ray = pytest.importorskip("ray")

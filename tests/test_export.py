@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from loramem import LoraSpec, Memory, TrainSpec
-from loramem.answer import closed_book_prompt, generate, module_applied, modules_applied
+from loramem.answer import generate, module_applied, modules_applied
 from loramem.errors import LoramemError
 from loramem.export import export_vllm, parse_merge_set, vllm_rank
 from loramem.models import resolve
+from loramem.prompts import closed_book_prompt
 from sample_facts import SIX_FACTS as FACTS
 
 QUESTIONS = [e.prompt for e in FACTS]

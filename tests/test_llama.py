@@ -90,7 +90,7 @@ def test_generate_answers_alike_with_modules(tiny, bf16_base, folders, precision
 
 
 def test_supports_plain_llamas_only(tiny):
-    from loramem.train import attached
+    from loramem.train.adapters import attached
 
     assert llama.supports(tiny.model)
     with attached(tiny.model, LoraSpec(rank=2, layers="all")) as peft_model:

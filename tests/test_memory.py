@@ -3,31 +3,14 @@ import json
 import pytest
 import torch
 
-from loramem import LoraSpec, Memory, TrainSpec, facts_from_file, facts_from_text
+from loramem import LoraSpec, Memory, TrainSpec, facts_from_text
 from loramem.errors import LoramemError
+from loramem.examples import Example
 from loramem.precision import autocast, use_bf16
-from loramem.train import Example
 from sample_facts import LINEAR_TO_ZERO, SIX_FACTS
 
 FACTS = "Question: What is the phone number of Ann Lee? Answer: 603-556-7631\nQuestion: What is the phone number of Bo Kim? Answer: 705-882-9365\n"
 FAST = TrainSpec(lr=1e-2, epochs=80, batch_size=2, **LINEAR_TO_ZERO)
-
-
-def test_facts_parsing():
-    examples = facts_from_text(FACTS + "\n  The sky is green.  \n")
-    assert examples[0] == Example("Question: What is the phone number of Ann Lee? Answer:", " 603-556-7631")
-    assert examples[2] == Example("", "The sky is green.")
-
-
-@pytest.mark.parametrize("content,message", [(b"", "no facts"), (b"\n \n", "no facts"), (b"caf\xe9\n", "not UTF-8"),
-                                             (b"\x00\x01bin", "binary")])
-def test_bad_facts_files(tmp_path, content, message):
-    path = tmp_path / "facts.txt"
-    path.write_bytes(content)
-    with pytest.raises(LoramemError, match=message):
-        facts_from_file(path)
-    with pytest.raises(LoramemError, match="no such file"):
-        facts_from_file(tmp_path / "missing.txt")
 
 
 @pytest.fixture(scope="module")
@@ -235,16 +218,6 @@ def test_chat_prompts_are_trained_and_answered_alike(tiny, tmp_path):
         Memory.open(tmp_path / "chat.mem", base=tiny, prompt="plain")
     with pytest.raises(LoramemError, match="unknown prompt style"):
         Memory.open(tmp_path / "other.mem", create=True, base=tiny, prompt="fancy")
-
-
-def test_chat_prompt_is_the_user_turn_of_the_template(tiny):
-    from loramem.answer import render_example, render_prompt
-
-    prompt = render_prompt(tiny.tokenizer, "Question: Who? Answer:", "Some context.", style="chat")
-    assert "user\nSome context.\n\nQuestion: Who?<|im_end|>" in prompt and prompt.endswith("assistant\n")
-    closed = render_example(tiny.tokenizer, Example("Question: Who? Answer:", " Ann"), "chat")
-    assert closed.answer == "Ann" and "user\nWho?<|im_end|>" in closed.prompt
-    assert render_example(tiny.tokenizer, Example("", "plain text"), "chat") == Example("", "plain text")
 
 
 def test_a_module_set_is_merged_once_whatever_the_routers_order():

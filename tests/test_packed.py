@@ -115,7 +115,7 @@ def test_packed_weights_follow_in_place_changes(tiny):
 
 def test_peft_wrapped_layers_are_left_alone(tiny):
     from loramem.config import LoraSpec
-    from loramem.train import attached
+    from loramem.train.adapters import attached
 
     with attached(tiny.model, LoraSpec(rank=2, layers="all")) as peft_model, packed_linears(peft_model):
         assert not any("forward" in m.__dict__ for m in peft_model.modules() if type(m) is torch.nn.Linear)

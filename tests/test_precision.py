@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from loramem import LoraSpec, Memory, TrainSpec
-from loramem.answer import (DEFAULT_DENSITY, MODES, Caches, closed_book_prompt, default_weights, module_applied,
-                            modules_applied)
+from loramem.answer import DEFAULT_DENSITY, MODES, Caches, default_weights, module_applied, modules_applied
 from loramem.errors import LoramemError
 from loramem.merge import METHODS, applied, lora_deltas, merge
 from loramem.models import load_base
 from loramem.precision import ENV, autocast, hardware, requested, resolve, use_bf16
+from loramem.prompts import closed_book_prompt
 from sample_facts import SIX_FACTS as FACTS, LINEAR_TO_ZERO
 
 SETTINGS = ["fp32", "autocast", "bf16-weights"]

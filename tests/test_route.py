@@ -233,3 +233,27 @@ def test_loading_from_a_folder_without_an_index_is_an_error(tmp_path):
     (tmp_path / route.INDEX_FILE).write_bytes(b"not a zip")
     with pytest.raises(LoramemError, match="unreadable routing index"):
         Index.load(tmp_path)
+
+
+def test_an_index_cache_builds_once_per_module_set_and_reloads_from_disk(tmp_path):
+    from loramem.route import IndexCache
+
+    built = []
+
+    def build(keys):
+        def make():
+            built.append(sorted(keys))
+            return make_router("bm25", keys)
+        return make
+
+    two = {"volcano": KEYS["volcano"], "bread": KEYS["bread"]}
+    cache = IndexCache(tmp_path / "index")
+    first = cache.get("route-bm25", ["volcano", "bread"], build(two))
+    assert cache.get("route-bm25", ["bread", "volcano"], build(two)) is first  # a set, in any order
+    assert built == [["bread", "volcano"]] and len(list((tmp_path / "index").iterdir())) == 1
+    reloaded = IndexCache(tmp_path / "index").get("route-bm25", ["volcano", "bread"], build(two))
+    assert built == [["bread", "volcano"]]  # read from disk, not built again
+    assert np.array_equal(reloaded.scores("Which volcano erupts?"), first.scores("Which volcano erupts?"))
+    three = two | {"chess": KEYS["chess"]}
+    assert cache.get("route-bm25", list(three), build(three)).modules == ["volcano", "bread", "chess"]
+    assert len(built) == 2 and len(list((tmp_path / "index").iterdir())) == 2  # another set, another index

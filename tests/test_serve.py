@@ -12,7 +12,7 @@ import pytest
 import uvicorn
 
 from loramem import LoraSpec, Memory, TrainSpec, facts_from_text
-from loramem.answer import render_prompt
+from loramem.prompts import render_prompt
 from loramem.serve import create_app
 from sample_facts import LINEAR_TO_ZERO
 

@@ -124,3 +124,22 @@ def test_one_writer_at_a_time(tmp_path):
     with writer_lock(target):  # released when its holder died
         pass
     assert list(tmp_path.iterdir()) == []  # the lock file goes with the lock
+
+
+def test_a_modules_examples_and_documents_are_written_beside_it_and_read_back(tmp_path):
+    from loramem.corpus import Document
+    from loramem.examples import Example
+    from loramem.store import write_module_files
+
+    store = Store.create(tmp_path / "mem", "tiny", FP)
+    examples = [Example("Question: Who? Answer:", " Ann Lée"), Example("", "A plain text.")]
+    documents = [Document.from_text("Ann Lée wrote it.", path="notes.md", title="notes", meta={"format": "md"})]
+    with_documents, facts_only = staged(store), staged(store)
+    write_module_files(with_documents, examples, documents)
+    write_module_files(facts_only, examples, [])
+    assert "Lée" in (with_documents / "examples.jsonl").read_text(encoding="utf-8")  # UTF-8 as written
+    assert not (facts_only / "documents.jsonl").exists()
+    store.commit(with_documents, record("m1"))
+    store.commit(facts_only, record("m2"))
+    assert store.examples("m1") == store.examples("m2") == examples
+    assert store.documents("m1") == documents and store.documents("m2") == []

@@ -2,7 +2,8 @@
 
 from loramem.config import LoraSpec, TrainSpec
 from loramem.errors import LoramemError
-from loramem.memory import Memory, facts_from_file, facts_from_text
-from loramem.train import Example
+from loramem.corpus import facts_from_file, facts_from_text
+from loramem.examples import Example
+from loramem.memory import Memory
 
 __all__ = ["Example", "LoraSpec", "LoramemError", "Memory", "TrainSpec", "facts_from_file", "facts_from_text"]

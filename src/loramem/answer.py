@@ -1,4 +1,4 @@
-"""Answering: prompts, batched greedy generation, and the modules a question is answered with.
+"""Answering: answer modes, batched greedy generation, and the modules a question is answered with.
 
 A single module is answered with by running its factors beside the base weights (merge.fused: no weight is
 copied or changed), so a closed-book answer costs little more than the base model; `Caches` keeps a module's
@@ -8,7 +8,6 @@ prepared factors between questions. DoRA modules, whose update is not a plain de
 from __future__ import annotations
 
 import json
-import logging
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -22,15 +21,11 @@ from loramem.merge import MergeCache
 from loramem.packed import packed_linears
 from loramem.precision import autocast, use_bf16
 
-log = logging.getLogger("loramem")
 # The weights a question is answered with (base, one module, several merged), optionally with context in the
 # prompt (whole documents: icl; retrieved passages: rag).
 WEIGHTS = ("base", "lora", "multi")
 CONTEXTS = ("icl", "rag")
 MODES = ("base", "icl", "rag", "lora", "multi", "lora+icl", "lora+rag", "multi+icl", "multi+rag")
-# How a question is put to the model, the same in training and answering: the paper's bare "Question: ...
-# Answer:" (plain), or the user turn of the model's chat template (chat; instruct models answer it readily).
-PROMPT_STYLES = ("plain", "chat")
 
 
 def parse_mode(mode: str) -> tuple[str, str | None]:
@@ -58,61 +53,6 @@ class Answer:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def closed_book_prompt(question: str) -> str:
-    """The format facts are trained in (the paper's "Question: ... Answer:")."""
-    question = question.strip()
-    if question.startswith("Question:"):
-        question = question[len("Question:"):].strip()
-    if question.endswith("Answer:"):
-        question = question[: -len("Answer:")].strip()
-    return f"Question: {question} Answer:"
-
-
-def icl_prompt(question: str, context: str) -> str:
-    return f"{context.strip()}\n\n{closed_book_prompt(question)}"
-
-
-def chat_prompt(tokenizer, question: str, context: str | None = None) -> str:
-    """The question (after its context) as the user's turn of the model's chat template, ready for the answer.
-
-    A BOS the template writes is left to the tokenizer, which adds its own: one BOS, as in plain prompts.
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        raise LoramemError("the base model has no chat template; use the plain prompt style")
-    question = closed_book_prompt(question).removesuffix(" Answer:")
-    content = f"{context.strip()}\n\n{question}" if context else question.removeprefix("Question: ")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                         add_generation_prompt=True)
-    bos = tokenizer.bos_token
-    adds_bos = bos is not None and tokenizer("").input_ids[:1] == [tokenizer.bos_token_id]
-    return text[len(bos):] if adds_bos and text.startswith(bos) else text
-
-
-def render_prompt(tokenizer, question: str, context: str | None = None, style: str = "plain") -> str:
-    """The prompt a question is trained and answered with, in one of PROMPT_STYLES."""
-    if style == "chat":
-        return chat_prompt(tokenizer, question, context)
-    if style != "plain":
-        raise LoramemError(f"unknown prompt style {style!r}; choose one of {', '.join(PROMPT_STYLES)}")
-    return icl_prompt(question, context) if context else closed_book_prompt(question)
-
-
-def render_example(tokenizer, example, style: str):
-    """A training example in the prompt style (stored examples keep the plain "Question: ... Answer:" form)."""
-    if style == "plain" or not example.prompt.startswith("Question:"):
-        return example  # plain texts (original, summary, rewrite) are trained as they are in every style
-    return type(example)(render_prompt(tokenizer, example.prompt, style=style), example.answer.strip())
-
-
-def fit_context(tokenizer, context: str, budget: int) -> str:
-    """Keep the first `budget` tokens of the context, warning when some are cut."""
-    ids = tokenizer(context, add_special_tokens=False).input_ids
-    if len(ids) <= budget:
-        return context
-    log.warning("context of %d tokens cut to the %d that fit the model's window", len(ids), budget)
-    return tokenizer.decode(ids[:budget])
 
 
 @dataclass

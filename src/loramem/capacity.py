@@ -105,7 +105,7 @@ def module_tokens(trainable_params: int, cells: list[Cell], lora: LoraSpec,
 
 def trainable_params(model, lora: LoraSpec) -> int:
     """Parameters a module of this spec trains on this model (attached and detached, nothing trained)."""
-    from loramem.train import attached
+    from loramem.train.adapters import attached
 
     with attached(model, lora) as peft_model:
         return sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
@@ -120,7 +120,7 @@ AUTO_BITS_PER_PARAM = 0.06
 def answer_bits(model, tokenizer, examples, precision: str = "auto") -> float:
     """What the base model does not know of the answers: the sum of -log2 p(answer token | everything before it),
     teacher-forced. Digits it cannot guess cost ~3.3 bits each; a fact it already knows costs almost nothing."""
-    from loramem.train import teacher_forced
+    from loramem.train.score import teacher_forced
 
     return -sum(float(s.logp.sum()) for s in teacher_forced(model, tokenizer, examples, precision=precision)) / math.log(2)
 

@@ -161,7 +161,7 @@ def write(
     _use_precision(precision)
     from loramem.bench import phonebook as pb
     from loramem.executor import make_executor
-    from loramem.memory import Memory, facts_from_file
+    from loramem import Memory, facts_from_file
 
     lora, train_spec = _specs(rank, alpha, targets, layers, lr, epochs, batch_size, seed, loss_on, target_recall,
                               variants, objective, candidates, lr_floor, decay_epochs)

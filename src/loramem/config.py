@@ -159,7 +159,7 @@ class TrainSpec:
     precision:     "auto" (bf16 autocast where the hardware has bf16 matmul, else fp32), "bf16", "fp32".
     objective:     "ntp" (next-token loss on the examples, the paper's) or "distill" (context distillation, as in
                    Knowledge Modules: match the base model that reads the module's documents in its prompt, on
-                   the same continuations; see train.distill_loss).
+                   the same continuations; see train.distill.distill_loss).
     distill_top_k: teacher tokens kept per position (the rest of its probability is one more bucket).
     distill_temperature: softening of both distributions in the distillation loss.
     distill_layers: also match the outputs of these decoder layers ("3,7"; "" none) by normalised L1 distance,

@@ -1,10 +1,11 @@
-"""Documents in, token-based chunks out.
+"""Documents and facts files in, token-based chunks out.
 
 `read_documents` turns files and folders into plain-text Documents and lists the files (or JSONL
 lines) it skipped with the reason, so one bad file in a folder of notes does not stop ingestion;
 strict=True makes the first such problem an error instead. `chunk_text` cuts a text into
 overlapping windows of the model's own tokens, so a chunk's size is exact in training, and each
-chunk is an exact slice of the text, so it can be traced back to where it came from.
+chunk is an exact slice of the text, so it can be traced back to where it came from. A facts file
+(`facts_from_file`) is read whole into training examples, one fact per line.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from itertools import accumulate
 from pathlib import Path
 
 from loramem.errors import LoramemError
+from loramem.examples import Example
 
 SUPPORTED_SUFFIXES = (".htm", ".html", ".jsonl", ".md", ".pdf", ".txt")
 DEFAULT_MAX_BYTES = 100_000_000
@@ -280,6 +282,44 @@ def _jsonl_record(raw: bytes, text_field: str, path: Path, number: int) -> Docum
     title = title.strip() if isinstance(title, str) and title.strip() else path.stem
     meta = {key: value for key, value in record.items() if key != text_field}
     return Document.from_text(text, str(path), title, {**meta, "format": "jsonl", "line": number})
+
+
+# --- facts files ---------------------------------------------------------------------------------
+
+MAX_FACTS_BYTES = 100_000_000  # as DEFAULT_MAX_BYTES for documents
+
+
+def facts_from_text(text: str, source: str = "text") -> list[Example]:
+    """One fact per non-empty line; "Question: ... Answer: ..." lines are split into prompt and answer."""
+    examples = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        head, sep, tail = line.rpartition(" Answer:")
+        if sep and head.startswith("Question:") and tail.strip():
+            examples.append(Example(f"{head} Answer:", tail))
+        else:
+            examples.append(Example("", line))
+    if not examples:
+        raise LoramemError(f"{source} has no facts (it is empty)")
+    return examples
+
+
+def facts_from_file(path: str | Path) -> list[Example]:
+    path = Path(path)
+    if not path.is_file():
+        raise LoramemError(f"no such file: {path}")
+    size = path.stat().st_size
+    if size > MAX_FACTS_BYTES:  # read whole and trained into one module: refuse before reading
+        raise LoramemError(f"{path} is too large ({size} bytes; a facts file is read whole, at most {MAX_FACTS_BYTES})")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise LoramemError(f"{path} is not UTF-8 text (byte {err.start})") from None
+    if "\x00" in text:
+        raise LoramemError(f"{path} is a binary file, not text")
+    return facts_from_text(text, str(path))
 
 
 # --- chunking ------------------------------------------------------------------------------------

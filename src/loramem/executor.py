@@ -21,7 +21,9 @@ from pathlib import Path
 from loramem.config import LoraSpec, TrainSpec
 from loramem.errors import LoramemError
 from loramem.models import Base, load_base, same_base
-from loramem.train import Example, TrainStats, attached, save_adapter, train
+from loramem.examples import Example
+from loramem.train.adapters import attached, save_adapter
+from loramem.train.loop import TrainStats, train
 
 EXECUTORS = ("inprocess", "ray")
 Staging = Callable[[], Path]  # a fresh empty folder to put a trained adapter in (the store's tmp/)

@@ -4,8 +4,10 @@
     memory.write(facts_from_file("facts.txt"), lora=LoraSpec(rank=4))
     memory.ask("What is the phone number of Jeffrey Buck?").text
 
-It wires the rooms together (models -> train -> store; store -> answer) and adds no logic of its own
-beyond deciding which base model and modules a call uses.
+It wires the rooms together and adds no logic of its own beyond deciding which base model and modules a call
+uses: write is examples (corpus.py, synth/) -> prompts.py -> executor.py (train/) -> store.py; ask is
+route.py -> answer.py (merge.py) with prompts.py. (Over 400 lines: the class is the whole public API, one
+documented method per call.)
 """
 
 from __future__ import annotations
@@ -20,22 +22,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from loramem.answer import (
-    PROMPT_STYLES,
-    Answer,
-    Caches,
-    Timing,
-    adapter_config,
-    adapter_scale,
-    fit_context,
-    generate,
-    generate_composed,
-    modules_applied,
-    read_adapter,
-    parse_mode,
-    render_example,
-    render_prompt,
-)
+from loramem.answer import (Answer, Caches, Timing, adapter_config, adapter_scale, generate, generate_composed,
+                            modules_applied, parse_mode, read_adapter)
 from loramem.config import AUTO, LoraSpec, TrainSpec
 from loramem.corpus import Document, chunk_text
 from loramem.errors import LoramemError
@@ -51,16 +39,15 @@ from loramem.models import (
     resolve,
     same_base,
 )
-from loramem.route import Hit, Router, make_router
-from loramem.store import MANIFEST, ModuleRecord, Store, now, writer_lock
-from loramem.train import Example, Scored, teacher_forced
+from loramem.examples import Example, data_hash, even_shards
+from loramem.prompts import check_style, documents_context, fit_context, module_context, render_example, render_prompt
+from loramem.route import Hit, IndexCache, Router, make_router
+from loramem.store import MANIFEST, ModuleRecord, Store, now, write_module_files, writer_lock
+from loramem.train.score import Scored, teacher_forced
 
 log = logging.getLogger("loramem")
-EXAMPLES_FILE = "examples.jsonl"
-DOCUMENTS_FILE = "documents.jsonl"  # the documents a module was written from: ICL context and routing keys
 # RAG passages and routing keys: windows that fit the sentence encoder (all-MiniLM-L6-v2 reads 256 word pieces).
 RAG_CHUNK_TOKENS, RAG_OVERLAP = 192, 32
-MAX_FACTS_BYTES = 100_000_000  # as corpus.DEFAULT_MAX_BYTES for documents
 DEFAULT_TOP_K = 3  # modules merged (multi) and passages retrieved (rag) when top_k is not given
 
 
@@ -75,44 +62,6 @@ class _Pending:
     tags: list  # what the caller gets back with the record (one per identical batch)
 
 
-def facts_from_text(text: str, source: str = "text") -> list[Example]:
-    """One fact per non-empty line; "Question: ... Answer: ..." lines are split into prompt and answer."""
-    examples = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        head, sep, tail = line.rpartition(" Answer:")
-        if sep and head.startswith("Question:") and tail.strip():
-            examples.append(Example(f"{head} Answer:", tail))
-        else:
-            examples.append(Example("", line))
-    if not examples:
-        raise LoramemError(f"{source} has no facts (it is empty)")
-    return examples
-
-
-def facts_from_file(path: str | Path) -> list[Example]:
-    path = Path(path)
-    if not path.is_file():
-        raise LoramemError(f"no such file: {path}")
-    size = path.stat().st_size
-    if size > MAX_FACTS_BYTES:  # read whole and trained into one module: refuse before reading
-        raise LoramemError(f"{path} is too large ({size} bytes; a facts file is read whole, at most {MAX_FACTS_BYTES})")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise LoramemError(f"{path} is not UTF-8 text (byte {err.start})") from None
-    if "\x00" in text:
-        raise LoramemError(f"{path} is a binary file, not text")
-    return facts_from_text(text, str(path))
-
-
-def data_hash(examples: list[Example]) -> str:
-    payload = json.dumps([[e.prompt, e.answer] for e in examples], ensure_ascii=False)
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
 class Memory:
     """A folder of memory modules over one base model."""
 
@@ -122,9 +71,9 @@ class Memory:
         self.answer_only = answer_only  # the base loads without transformers' model code (models.load_base)
         self.model_name = model
         self.store = store  # None until the first module is committed
-        self.prompt = store.meta().get("prompt", "plain") if store else prompt  # see answer.PROMPT_STYLES
+        self.prompt = store.meta().get("prompt", "plain") if store else prompt  # see prompts.PROMPT_STYLES
         self._base = base
-        self._indexes: dict[str, Router] = {}
+        self._indexes = IndexCache(path / "index")  # routers per module set, kept in memory and under MEMORY/index/
         # Merged weights of the last module sets answered with (a set asked again costs a pointer swap); each
         # holds a copy of the weights its modules touch, so keep few.
         self._caches = Caches()  # prepared factors, merged weights and TIES thresholds, kept between questions
@@ -136,12 +85,12 @@ class Memory:
 
         `model` defaults to the memory's own base model (or smollm2-135m for a new memory); a different
         one is refused when loaded. `base` passes an already loaded model (it must be the same one).
-        `prompt` is the prompt style of a new memory (answer.PROMPT_STYLES; default plain); an existing memory
+        `prompt` is the prompt style of a new memory (prompts.PROMPT_STYLES; default plain); an existing memory
         keeps its own, and asking for another is refused. `answer_only` is for a process that only asks (the CLI's
         `ask`): its base model loads faster and cannot be trained.
         """
-        if prompt is not None and prompt not in PROMPT_STYLES:
-            raise LoramemError(f"unknown prompt style {prompt!r}; choose one of {', '.join(PROMPT_STYLES)}")
+        if prompt is not None:
+            check_style(prompt)
         path = Path(path)
         if model is not None and model not in KNOWN and Path(model).exists():
             model = str(Path(model).resolve())  # the manifest must find it from any working directory
@@ -229,7 +178,7 @@ class Memory:
             [digest, [d.id for d in documents], lora.to_dict(), train_spec.to_dict(),
              base.fingerprint["weights_sha256"]] + ([self.prompt] if self.prompt != "plain" else []), sort_keys=True,
         ).encode()).hexdigest()[:16]
-        context = "\n\n".join(d.text for d in documents) if train_spec.objective == "distill" else ""
+        context = documents_context(documents) if train_spec.objective == "distill" else ""
         if train_spec.objective == "distill" and not context:
             raise LoramemError("the distill objective needs documents (the teacher reads them); facts have none")
         return TrainJob(module_id, trained_on, lora, train_spec, self.model_name, base.fingerprint, context), digest
@@ -270,9 +219,7 @@ class Memory:
         return self.store.staging_dir()
 
     def _commit(self, job: TrainJob, staged: Path, stats, pending: _Pending) -> ModuleRecord:
-        _write_jsonl(staged / EXAMPLES_FILE, [{"prompt": e.prompt, "answer": e.answer} for e in pending.examples])
-        if pending.documents:
-            _write_jsonl(staged / DOCUMENTS_FILE, [asdict(d) for d in pending.documents])
+        write_module_files(staged, pending.examples, pending.documents)
         record = ModuleRecord(
             id=job.module_id, name=pending.name or f"module-{len(self.modules()) + 1}", created_at=now(),
             base_model=self.model_name, base_fingerprint=job.fingerprint, lora_spec=job.lora.to_dict(),
@@ -294,15 +241,7 @@ class Memory:
             raise LoramemError(f"shard size must be at least 1 token, got {shard_tokens}")
         tokenizer = self.base.tokenizer
         sizes = [len(tokenizer(e.prompt + e.answer, add_special_tokens=False).input_ids) for e in examples]
-        even = sum(sizes) / max(1, math.ceil(sum(sizes) / shard_tokens))
-        shards: list[list[Example]] = [[]]
-        used = 0
-        for e, size in zip(examples, sizes):
-            if shards[-1] and (used + size > shard_tokens or used >= even):
-                shards.append([])
-                used = 0
-            shards[-1].append(e)
-            used += size
+        shards = even_shards(examples, sizes, shard_tokens)
         batches = ((shard, f"{name}-{i}", (), None) for i, shard in enumerate(shards))
         for record, _ in self._write_modules(batches, lora, train_spec, progress, executor):
             yield record
@@ -342,18 +281,16 @@ class Memory:
             yield examples, name, group, reports
 
     def examples(self, module: ModuleRecord) -> list[Example]:
-        return [Example(**row) for row in _read_jsonl(self.store.module_dir(module.id) / EXAMPLES_FILE)]
+        return self.store.examples(module.id)
 
     def documents(self, module: ModuleRecord) -> list[Document]:
         """The documents a module was written from (none for modules written from facts)."""
-        return [Document(**row) for row in _read_jsonl(self.store.module_dir(module.id) / DOCUMENTS_FILE)]
+        return self.store.documents(module.id)
 
     def context(self, module: ModuleRecord) -> str:
         """What ICL puts in the prompt for a module: its documents, else its facts."""
         documents = self.documents(module)
-        if documents:
-            return "\n\n".join(d.text for d in documents)
-        return "\n".join(e.prompt + e.answer for e in self.examples(module))
+        return module_context(documents, [] if documents else self.examples(module))
 
     # --- routing keys and retrieval chunks -------------------------------------------------------------
 
@@ -376,7 +313,8 @@ class Memory:
         modules = self._require_modules()
         if kind == "oracle":
             return make_router("oracle", {m.id: [m.name] for m in modules})
-        return self._cached_index(f"route-{kind}", modules, lambda: make_router(kind, {m.id: self.keys(m) for m in modules}))
+        return self._indexes.get(f"route-{kind}", [m.id for m in modules],
+                                 lambda: make_router(kind, {m.id: self.keys(m) for m in modules}))
 
     def retriever(self, kind: str = "dense") -> Router:
         """RAG: an index of every module's passages (ids "<module>:<n>"); a document written into several modules
@@ -391,22 +329,7 @@ class Memory:
                     first_id.setdefault(text, f"{m.id}:{n}")
             return {i: text for text, i in first_id.items()}
 
-        return self._cached_index(f"rag-{kind}", modules, lambda: make_router(kind, passages()))
-
-    def _cached_index(self, name: str, modules: list[ModuleRecord], build) -> Router:
-        digest = hashlib.sha256(json.dumps(sorted(m.id for m in modules)).encode()).hexdigest()[:12]
-        key = f"{name}-{digest}"
-        if key not in self._indexes:
-            folder = self.path / "index" / key
-            try:
-                self._indexes[key] = Router.load(folder)
-            except LoramemError:
-                self._indexes[key] = build()
-                try:
-                    self._indexes[key].save(folder)
-                except OSError:  # a read-only memory still answers; it rebuilds its index next time
-                    pass
-        return self._indexes[key]
+        return self._indexes.get(f"rag-{kind}", [m.id for m in modules], lambda: make_router(kind, passages()))
 
     def _require_modules(self) -> list[ModuleRecord]:
         modules = self.modules()
@@ -527,7 +450,7 @@ class Memory:
         """Read each example's answer teacher-forced after its prompt, with the base weights (module None), one
         module, or several merged: per-token log-probabilities and whether greedy decoding reproduces it.
 
-        Examples are put in the memory's prompt style exactly as training puts them (answer.render_example).
+        Examples are put in the memory's prompt style exactly as training puts them (prompts.render_example).
         `rivals` (token ids per example) are scored where each answer's first token stands."""
         ids = tuple(sorted(self._module_ids(module))) if module else ()
         styled = [render_example(self.base.tokenizer, e, self.prompt) for e in examples]
@@ -598,15 +521,3 @@ def _group_by_modules(picks: list[list[Hit]]) -> dict[tuple[str, ...], list[int]
     for i, hits in enumerate(picks):
         groups.setdefault(tuple(sorted(h.id for h in hits)), []).append(i)
     return groups
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]

@@ -10,19 +10,22 @@ adds the "oracle" router for studies, and abstains below a threshold that `calib
 
 Key embeddings are computed once and saved with the index (index.npz), so routing a question is
 one encoder call and a matrix-vector product; the encoder loads lazily, once per process, from
-local files only. BM25 statistics are rebuilt from the saved texts on load (milliseconds).
+local files only. BM25 statistics are rebuilt from the saved texts on load (milliseconds). An IndexCache keeps a
+memory's routers per module set. (Over 400 lines: the index, its scorers and the routers that save and load it
+share one file format and are read together.)
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import numbers
 import os
 import tempfile
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -373,6 +376,30 @@ def make_router(
     items = [(module, text) for module, texts in keys.items() for text in texts]
     index = Index.build(items, kind, aggregate=aggregate, encoder=encoder)
     return Router(kind, index.ids, index)
+
+
+class IndexCache:
+    """Routers over a memory's module set, built once per set: kept in this process and saved under `folder`
+    (MEMORY/index/), one subfolder per name and set, so a new set of modules gets a new index."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._routers: dict[str, Router] = {}
+
+    def get(self, name: str, module_ids: Iterable[str], build: Callable[[], Router]) -> Router:
+        """The `name` router of these modules: kept, else loaded from disk, else built by `build` (and saved)."""
+        digest = hashlib.sha256(json.dumps(sorted(module_ids)).encode()).hexdigest()[:12]
+        key = f"{name}-{digest}"
+        if key not in self._routers:
+            try:
+                self._routers[key] = Router.load(self.folder / key)
+            except LoramemError:
+                self._routers[key] = build()
+                try:
+                    self._routers[key].save(self.folder / key)
+                except OSError:  # a read-only memory still answers; it rebuilds its index next time
+                    pass
+        return self._routers[key]
 
 
 def calibrate(router: Router | Index, in_questions: Sequence[str], out_questions: Sequence[str]) -> float:

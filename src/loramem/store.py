@@ -2,7 +2,8 @@
 
     MEMORY/
       loramem.sqlite         manifest: the base model, and one row per committed module
-      modules/<id>/          adapter_config.json, adapter_model.safetensors, examples.jsonl
+      modules/<id>/          adapter_config.json, adapter_model.safetensors, examples.jsonl (the facts as given)
+                             (+ documents.jsonl: the documents it was written from, for icl and routing)
       tmp/                   modules being written (never read)
 
 The manifest is the truth: a module exists when its row exists. A commit writes the adapter into
@@ -21,14 +22,18 @@ import shutil
 import sqlite3
 import tempfile
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from loramem.corpus import Document
 from loramem.errors import LoramemError
+from loramem.examples import Example
 
 MANIFEST = "loramem.sqlite"
 FORMAT_VERSION = "1"
+EXAMPLES_FILE = "examples.jsonl"
+DOCUMENTS_FILE = "documents.jsonl"  # the documents a module was written from: ICL context and routing keys
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE modules (
@@ -159,6 +164,14 @@ class Store:
     def module_dir(self, module_id: str) -> Path:
         return self.path / "modules" / module_id
 
+    def examples(self, module_id: str) -> list[Example]:
+        """The examples a module was trained on, as they were given (plain prompts, whatever the prompt style)."""
+        return [Example(**row) for row in _read_jsonl(self.module_dir(module_id) / EXAMPLES_FILE)]
+
+    def documents(self, module_id: str) -> list[Document]:
+        """The documents a module was written from (none for modules written from facts)."""
+        return [Document(**row) for row in _read_jsonl(self.module_dir(module_id) / DOCUMENTS_FILE)]
+
     def staging_dir(self) -> Path:
         """A fresh folder under tmp/ to write a module into before commit."""
         tmp = self.path / "tmp" / uuid.uuid4().hex
@@ -203,6 +216,25 @@ class Store:
         for folder in modules.iterdir():
             if folder.name not in known:
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_module_files(staged: Path, examples: list[Example], documents: list[Document]) -> None:
+    """Write a staged module's examples (and documents, when it has them) beside its adapter, before commit."""
+    _write_jsonl(staged / EXAMPLES_FILE, [{"prompt": e.prompt, "answer": e.answer} for e in examples])
+    if documents:
+        _write_jsonl(staged / DOCUMENTS_FILE, [asdict(d) for d in documents])
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def _record(row: sqlite3.Row) -> ModuleRecord:

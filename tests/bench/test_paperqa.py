@@ -6,7 +6,7 @@ from loramem import LoraSpec, Memory, TrainSpec
 from loramem.bench import paperqa, without_leaks
 from loramem.errors import LoramemError
 from loramem.synth import SynthSpec
-from loramem.train import Example
+from loramem.examples import Example
 
 INTRO = "Zorblat engines use quantum gears. The gears were built in Oslo by Mira Tan. " * 3
 EVAL_QUESTION = "What do Zorblat engines use?"

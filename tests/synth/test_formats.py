@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loramem.answer import closed_book_prompt
+from loramem.prompts import closed_book_prompt
 from loramem.errors import LoramemError
 from loramem.synth.formats import (
     FORMATS,

@@ -1,7 +1,7 @@
 """Benchmarks: each loads its data, builds training examples and questions, and scores answers."""
 
 from loramem.metrics import normalize_answer
-from loramem.train import Example
+from loramem.examples import Example
 
 
 def without_leaks(examples: list[Example], questions: list[str]) -> tuple[list[Example], int]:

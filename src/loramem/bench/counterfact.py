@@ -27,7 +27,7 @@ from pathlib import Path
 from loramem.config import data_dir as resolve_data_dir
 from loramem.errors import LoramemError
 from loramem.merge import MergeCache
-from loramem.train import Example
+from loramem.examples import Example
 
 
 @dataclass(frozen=True)

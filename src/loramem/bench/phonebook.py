@@ -17,7 +17,7 @@ from loramem.config import LoraSpec, TrainSpec
 from loramem.config import data_dir as resolve_data_dir
 from loramem.errors import LoramemError
 from loramem.metrics import phone_exact_match
-from loramem.train import Example
+from loramem.examples import Example
 
 LINE_RE = re.compile(r"^Question: What is the phone number of (?P<name>.+)\? Answer: (?P<phone>\d{3}-\d{3}-\d{4})$")
 # Tokens per entry in the paper's files with the SmolLM2 tokenizer: 1K = 48 entries (~21 tokens each).

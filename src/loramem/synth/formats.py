@@ -7,10 +7,10 @@ document as in the paper, with a part number when a document spans several chunk
 
 from __future__ import annotations
 
-from loramem.answer import closed_book_prompt
+from loramem.prompts import closed_book_prompt
 from loramem.errors import LoramemError
 from loramem.synth.parse import QAPair
-from loramem.train import Example
+from loramem.examples import Example
 
 FORMATS = ("original", "qa", "summary", "rewrite")
 

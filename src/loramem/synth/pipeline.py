@@ -43,7 +43,7 @@ from loramem.synth.prompts import (
     rewrite_prompt,
     summary_prompt,
 )
-from loramem.train import Example
+from loramem.examples import Example
 
 log = logging.getLogger("loramem.synth")
 T = TypeVar("T")
