@@ -34,7 +34,7 @@ from loramem.precision import autocast, use_bf16
 from loramem.train import (_loss, attached, cache_frozen_layers, candidate_vocab, encode,
                            first_trainable_layer, pack)
 
-from common import rotations
+from common import report, rotations
 
 NEXT_TOKEN = TrainSpec()  # the fast step's loss: train's next-token objective
 
@@ -121,11 +121,12 @@ def main() -> None:
         result["answer"] = answer_latency(base, args.rank, args.reps)
     if "merge" in parts:
         result["merge_3_modules"] = merge_latency(base, args.rank, args.reps)
-    if args.json:
-        print(json.dumps(result, indent=1))
-    else:
+
+    def table() -> None:
         for key, value in result.items():
             print(f"{key:32s} {json.dumps(value) if isinstance(value, dict) else value}")
+
+    report(result, args.json, table)
 
 
 def train_throughput(args, base, spec: LoraSpec, bf16: bool, result: dict) -> None:
