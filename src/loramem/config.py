@@ -58,6 +58,27 @@ def settings_fields(cls) -> list[SettingField]:
     return out
 
 
+def option_fields(classes, exclude=()) -> tuple[list[SettingField], dict[str, list[SettingField]]]:
+    """What the CLI and the server offer of these settings: each field once (a name shared by two settings, like
+    seed, is one option that sets both), none marked cli=False or in `exclude`, and the flags of a group apart
+    (one comma-separated option each)."""
+    plain: dict[str, SettingField] = {}
+    groups: dict[str, list[SettingField]] = {}
+    for cls in classes:
+        for f in settings_fields(cls):
+            if f.options.get("cli", True) is False or f.name in plain or f.name in exclude:
+                continue
+            if f.options.get("group"):
+                groups.setdefault(f.options["group"], []).append(f)
+            else:
+                plain[f.name] = f
+    return list(plain.values()), groups
+
+
+def group_help(members: list[SettingField]) -> str:
+    return "comma-separated: " + ", ".join(f"{m.name} ({m.help})" for m in members)
+
+
 def build_settings(cls, values: dict):
     """An instance of `cls` from option values keyed by field name (groups and zero_is_none applied; keys of other
     settings ignored)."""

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loramem.answer import Answer, parse_mode
-from loramem.config import AUTO, AskSpec, LoraSpec, TrainSpec, build_settings, settings_fields
+from loramem.config import AUTO, AskSpec, LoraSpec, TrainSpec, build_settings, group_help, option_fields
 from loramem.corpus import Document
 from loramem.errors import LoramemError
 from loramem.memory import Memory
@@ -256,23 +256,13 @@ class JobRunner:
 # --- request bodies -----------------------------------------------------------------------------------------
 
 def settings_fields_of(classes, exclude: tuple[str, ...] = (), optional: bool = False) -> dict:
-    """Request fields from settings dataclasses (config.setting), one per field with its help as the description,
-    as the command line's options are built: a field shared by two settings is one field setting both, a group of
-    flags one comma-separated field. `optional`: every field defaults to None (unset: the receiver's default)."""
-    out: dict = {}
-    groups: dict[str, list] = {}
-    for cls in classes:
-        for f in settings_fields(cls):
-            if f.options.get("cli", True) is False or f.name in exclude or f.name in out:
-                continue
-            if f.options.get("group"):
-                groups.setdefault(f.options["group"], []).append(f)
-                continue
-            out[f.name] = (f.type | None if optional else f.type,
-                           Field(None if optional else f.default, description=f.help, ge=f.options.get("ge")))
-    for group, members in groups.items():
-        out[group] = (str, Field("", description="comma-separated: " + ", ".join(m.name for m in members)))
-    return out
+    """Request fields from settings dataclasses (config.option_fields, as the command line's options), each with its
+    help as the description. `optional`: every field defaults to None (unset: the receiver's default)."""
+    plain, groups = option_fields(classes, exclude)
+    out = {f.name: (f.type | None if optional else f.type,
+                    Field(None if optional else f.default, description=f.help, ge=f.options.get("ge")))
+           for f in plain}
+    return out | {group: (str, Field("", description=group_help(members))) for group, members in groups.items()}
 
 
 FORBID = ConfigDict(extra="forbid")

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from loramem.config import SettingField, build_settings, settings_fields
+from loramem.config import build_settings, group_help, option_fields
 from loramem.models import DEFAULT_MODEL
 
 console = Console()
@@ -48,30 +48,17 @@ def _option_type(annotation):
     return annotation
 
 
-def _group_help(members: list[SettingField]) -> str:
-    return "comma-separated: " + ", ".join(f"{m.name} ({m.help})" for m in members)
-
-
 def settings_parameters(classes, defaults: dict, helps: dict, exclude=()) -> list[inspect.Parameter]:
-    """One keyword parameter with a typer option per settings field (a field name shared by two settings, like
-    seed, is one option setting both; a group of flags is one option)."""
-    params: dict[str, inspect.Parameter] = {}
-    groups: dict[str, list[SettingField]] = {}
-    for cls in classes:
-        for f in settings_fields(cls):
-            if f.options.get("cli", True) is False or f.name in params or f.name in exclude:
-                continue
-            if f.options.get("group"):
-                groups.setdefault(f.options["group"], []).append(f)
-                continue
-            option = typer.Option(defaults.get(f.name, f.default), "--" + f.name.replace("_", "-"),
-                                  help=helps.get(f.name, f.help))
-            params[f.name] = inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
-                                               annotation=_option_type(f.type))
-    for group, members in groups.items():
-        option = typer.Option(defaults.get(group, ""), "--" + group, help=helps.get(group, _group_help(members)))
-        params[group] = inspect.Parameter(group, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=str)
-    return list(params.values())
+    """One keyword parameter with a typer option per settings field (config.option_fields)."""
+    plain, groups = option_fields(classes, exclude)
+    params = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=_option_type(f.type),
+                                default=typer.Option(defaults.get(f.name, f.default), "--" + f.name.replace("_", "-"),
+                                                     help=helps.get(f.name, f.help)))
+              for f in plain]
+    return params + [inspect.Parameter(group, inspect.Parameter.KEYWORD_ONLY, annotation=str,
+                                       default=typer.Option(defaults.get(group, ""), "--" + group,
+                                                            help=helps.get(group, group_help(members))))
+                     for group, members in groups.items()]
 
 
 def with_settings(*classes, defaults: dict | None = None, helps: dict | None = None, exclude: tuple[str, ...] = ()):
