@@ -67,7 +67,9 @@ def registered() -> dict[str, Benchmark]:
     """Every benchmark by name, in registration order."""
     for name in _MODULES:
         importlib.import_module(f"loramem.bench.{name}")
-    return dict(_REGISTRY)
+    # In _MODULES' order, whichever module another import loaded first (a module's own benchmarks in its order).
+    ordered = sorted(_REGISTRY.values(), key=lambda b: _MODULES.index(b.score.__module__.rsplit(".", 1)[-1]))
+    return {b.name: b for b in ordered}
 
 
 def studied() -> tuple[str, ...]:
