@@ -1,4 +1,4 @@
-"""Greedy decoding speed of `answer.generate`, today's path against packed bf16 weights, in one run.
+"""Greedy decoding speed of `answer.generate`: today's path, packed bf16 weights, and loramem's own decoding loop.
 
     python benchmarks/decode.py MEMORY [--rounds 5] [--threads N] [--static] [--fp32] [--json]
     python benchmarks/decode.py MEMORY --ask [--baseline-src DIR] [--rounds 5] [--json]
@@ -7,7 +7,8 @@ MEMORY holds at least one module (e.g. a PhoneBook memory: `loramem write pb.mem
 module's own questions are asked. Interleaved rounds (rotating order) of: batch 1 (4 questions one by one) and batch
 16 (16 questions at once); with the base weights, the module (its factors beside the weights, prepared once) and a
 cached merge (the module TIES-merged with itself: merged weights swapped in, the merge computed once); in bf16
-autocast today (`pack=False`: every weight cast again in each call), with packed bf16 weights (`pack=True`, the
+autocast through transformers' generate as before this work (`pack=False, own_loop=False`: every weight cast again
+in each call), with packed bf16 weights (`pack=True`), and with packed weights and loramem.llama's own loop (the
 default), optionally with transformers' static cache (--static) and in fp32 (--fp32). Answer tokens per second: answer
 tokens (up to EOS) over the call's seconds (prefill + decode), and over the decode seconds alone; medians, ratios
 to today, and whether every answer is the same as today's. The bound: bytes of weights read per decoding step
@@ -65,11 +66,11 @@ def static_cache(model):
         del model.generate
 
 
-def measure(model, tokenizer, prompts, batch, precision, pack, static=False) -> dict:
+def measure(model, tokenizer, prompts, batch, precision, pack, static=False, own_loop=False) -> dict:
     timing, counts = Timing(), []
     with static_cache(model) if static else nullcontext():
         texts = generate(model, tokenizer, prompts, 24, batch, timing=timing, counts=counts, precision=precision,
-                         pack=pack)
+                         pack=pack, own_loop=own_loop)
     tokens = sum(written for _, written in counts)
     decoded = sum(max(0, written - 1) for _, written in counts)  # the first token comes from the prefill
     return {"texts": texts, "tok_s": tokens / (timing.prefill + timing.decode),
@@ -88,12 +89,15 @@ def decode_speed(args, parser) -> dict:
     weights = {"base": lambda: nullcontext(),
                "module": lambda: modules_applied(model, [folder], "linear", caches=caches),
                "merge": lambda: modules_applied(model, [folder, folder], "ties", caches=caches)}
-    paths = {"today": ("bf16", False, False), "packed": ("bf16", True, False)}
+    # (precision, packed weights, static cache, loramem.llama's own loop)
+    paths = {"today": ("bf16", False, False, False), "packed": ("bf16", True, False, False),
+             "own loop": ("bf16", True, False, True)}
     if args.fp32:
-        paths["fp32"] = ("fp32", False, False)
+        paths["fp32"] = ("fp32", False, False, False)
+        paths["fp32 own loop"] = ("fp32", False, False, True)
     if args.static:
-        paths["static"] = ("bf16", False, True)
-        paths["packed+static"] = ("bf16", True, True)
+        paths["static"] = ("bf16", False, True, False)
+        paths["packed+static"] = ("bf16", True, True, False)
     cells = [(w, b, p) for w in weights for b in BATCHES for p in paths]
     big = torch.ones(256 * 1024 * 1024)  # 1 GiB
     runs: dict[tuple, list[dict]] = {cell: [] for cell in cells}

@@ -44,20 +44,18 @@ def main() -> None:
     from loramem.memory import Memory
 
     stage("import_loramem_cli")
-    memory = Memory.open(sys.argv[1])
+    memory = Memory.open(sys.argv[1], answer_only=True)
     memory._check_base(memory.store.base_fingerprint, memory.model_name)
     stage("open_memory")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.models.llama import modeling_llama  # noqa: F401 - the model class from_pretrained imports
-
-    stage("import_transformers_model")
-    from loramem.models import Base, read_fingerprint, resolve
+    from loramem import llama
+    from loramem.models import Base, _load_tokenizer, read_fingerprint, resolve
+    from loramem.precision import preferred_device, weights_dtype
 
     folder = resolve(memory.model_name)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    tokenizer = _load_tokenizer(folder, fast_only=True)  # imports transformers' tokenizer code (not its models)
     stage("tokenizer")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).eval()
+    device = preferred_device()
+    model = llama.load(folder, weights_dtype(device), device)
     memory._base = Base(memory.model_name, model, tokenizer, read_fingerprint(folder, model))
     stage("model_weights")
     from loramem.packed import packed_linears

@@ -7,7 +7,7 @@ from loramem import LoraSpec, Memory, TrainSpec, facts_from_file, facts_from_tex
 from loramem.errors import LoramemError
 from loramem.precision import autocast, use_bf16
 from loramem.train import Example
-from sample_facts import LINEAR_TO_ZERO
+from sample_facts import LINEAR_TO_ZERO, SIX_FACTS
 
 FACTS = "Question: What is the phone number of Ann Lee? Answer: 603-556-7631\nQuestion: What is the phone number of Bo Kim? Answer: 705-882-9365\n"
 FAST = TrainSpec(lr=1e-2, epochs=80, batch_size=2, **LINEAR_TO_ZERO)
@@ -276,3 +276,21 @@ def test_score_puts_questions_in_the_memory_prompt_style(tiny, tmp_path):
     assert record.recall == 1.0
     # stored plain, trained in the chat template: scoring the stored form reads it as it was trained
     assert all(s.exact for s in memory.score(facts_from_text(FACTS), record.id))
+
+
+@pytest.mark.parametrize("method", ["mix", "select"])
+def test_composed_answers_name_their_modules_weights_and_suppliers(tiny, tmp_path, method):
+    memory = Memory.open(tmp_path / "m.mem", model="tiny", create=True, base=tiny)
+    spec = TrainSpec(lr=1e-2, epochs=3, batch_size=2, target_recall=None, **LINEAR_TO_ZERO)
+    for i, part in enumerate((SIX_FACTS[:3], SIX_FACTS[3:])):
+        memory.write(part, lora=LoraSpec(rank=2, layers="all"), train_spec=spec, name=f"part-{i}")
+    questions = [f.prompt for f in SIX_FACTS[:2]]
+    answers = memory.ask_many(questions, mode="multi", router="bm25", top_k=2, merge=method, max_new_tokens=6)
+    one_by_one = [memory.ask(q, mode="multi", router="bm25", top_k=2, merge=method, max_new_tokens=6) for q in questions]
+    assert [a.text for a in answers] == [a.text for a in one_by_one]
+    for a in answers:
+        assert len(a.modules) == 2 and len(a.module_weights) == 2 and sum(a.module_weights) == pytest.approx(1.0)
+        assert len(a.supplied_by) == a.completion_tokens and set(a.supplied_by) <= set(a.modules)
+        assert a.timing["decode"] > 0
+    with pytest.raises(LoramemError, match="top_k 3 is more than the 2 modules"):
+        memory.ask(questions[0], mode="multi", top_k=3, merge=method)

@@ -130,3 +130,15 @@ def test_pack_cache_keeps_its_capacity_and_refuses_none(tiny):
     assert len(cache) == 2 and cache.packed(weights[0]) is not first  # the least recently used went first
     with pytest.raises(LoramemError, match="at least 1"):
         PackCache(0)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 8, 16, 17, 64, 320])
+@pytest.mark.parametrize("shape", [(64, 64), (1536, 576), (49152, 576)])
+def test_a_packed_layer_gives_autocasts_output_for_any_row_count(shape, rows):
+    torch.manual_seed(rows)
+    layer = torch.nn.Linear(shape[1], shape[0], bias=shape[0] == 64)
+    x = torch.randn(rows, shape[1])
+    with autocast(True, torch.device("cpu")):
+        expected = layer(x)
+        with packed_linears(torch.nn.Sequential(layer)):
+            assert torch.equal(layer(x), expected)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from loramem import llama
 from loramem.errors import LoramemError
 from loramem.merge import MergeCache
 from loramem.packed import packed_linears
@@ -52,6 +53,8 @@ class Answer:
     timing: dict = field(default_factory=dict)  # seconds: route, merge, prefill, decode
     prompt_tokens: int = 0  # the whole prompt read, context included
     completion_tokens: int = 0
+    module_weights: list[float] = field(default_factory=list)  # composed (mix, select): each module's mixture weight
+    supplied_by: list[str] = field(default_factory=list)  # composed: the module that supplied each answer token
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -144,29 +147,28 @@ class _FirstLogits:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 24, batch_size: int = 16,
              timing: Timing | None = None, counts: list | None = None, precision: str = "auto",
-             pack: bool = True) -> list[str]:
+             pack: bool = True, own_loop: bool = True) -> list[str]:
     """Greedy completions, generated in left-padded batches (under bf16 autocast where `precision` resolves to
     bf16 on fp32 weights); prefill and decode seconds add to `timing`, and (prompt tokens, generated tokens
     before EOS) per prompt to `counts`.
 
     In bf16 on a CPU the linear layers run through bf16 weights packed once and kept between calls
     (packed.packed_linears: the same logits bit for bit; 1.3-1.6x the tokens/s at batch 1 here); `pack=False`
-    runs them as autocast does, casting every weight again in each call (for comparison)."""
-    from transformers import LogitsProcessorList
+    runs them as autocast does, casting every weight again in each call (for comparison).
 
+    Llama-architecture models decode through loramem.llama's own loop (the same tokens as transformers' generate,
+    without its per-step overhead); `own_loop=False` uses transformers' generate (for comparison)."""
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     bf16 = use_bf16(precision, model)
+    decode = _own_loop if own_loop and llama.supports(model) else _transformers_generate
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         began, first = time.perf_counter(), _FirstLogits()
         enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
         with autocast(bf16, device), packed_linears(model) if bf16 and pack else nullcontext():
-            ids = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id, logits_processor=LogitsProcessorList([first]),
-            )
+            ids = decode(model, tokenizer, enc, max_new_tokens, first)
         generated = ids[:, enc.input_ids.shape[1]:]
         out += tokenizer.batch_decode(generated, skip_special_tokens=True)
         if counts is not None:
@@ -178,6 +180,62 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 24, bat
             timing.prefill += (first.at or ended) - began
             timing.decode += ended - (first.at or ended)
     return out
+
+
+@torch.no_grad()
+def generate_composed(model, tokenizer, prompts: list[str], modules: list[list], scores: list[list[float]],
+                      method: str = "mix", max_new_tokens: int = 24, batch_size: int = 16, timing: Timing | None = None,
+                      counts: list | None = None, precision: str = "auto") -> tuple[list[str], list[list[int]]]:
+    """Greedy answers with each question's k modules composed in output space (loramem.mix): question q's prompt
+    runs as k rows of one batch, row j with `modules[q][j]` (a merge.LowRank, or None for the base weights), and
+    each step's token comes from the rows' distributions combined by `method` (mix.COMPOSITIONS) with the softmax
+    of `scores[q]` as the mixture weights. Returns the answers and, per answer token, the index j of the module that
+    supplied it. Timing and counts as in `generate`; `batch_size` counts questions (k rows each)."""
+    from loramem import mix
+
+    mix.check_composition(method)
+    if not llama.supports(model):
+        raise LoramemError("composing modules' outputs needs a Llama-architecture base model; merge them instead")
+    k = len(modules[0]) if modules else 0
+    if any(len(m) != k or len(s) != k for m, s in zip(modules, scores)) or k == 0:
+        raise LoramemError("every question needs the same number (at least 1) of modules and scores to compose")
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    bf16 = use_bf16(precision, model)
+    texts: list[str] = []
+    supplied: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        asked = range(start, min(len(prompts), start + batch_size))
+        began, first = time.perf_counter(), _FirstLogits()
+        enc = tokenizer([prompts[q] for _ in range(k) for q in asked], return_tensors="pt", padding=True).to(device)
+        composer = mix.Composer(method, mix.mixture_weights([scores[q] for q in asked]))
+        with mix.rows_applied(model, [modules[q][j] for j in range(k) for q in asked]), autocast(bf16, device), \
+                packed_linears(model) if bf16 else nullcontext():
+            ids = llama.greedy(model, enc.input_ids, enc.attention_mask, max_new_tokens, tokenizer.eos_token_id,
+                               tokenizer.pad_token_id, on_prefill=lambda: first(None, None), choose=composer)
+        generated = ids[: len(asked), enc.input_ids.shape[1]:]
+        texts += tokenizer.batch_decode(generated, skip_special_tokens=True)
+        supplied += mix.supplied_by(composer.supplied, generated, tokenizer.eos_token_id)
+        if counts is not None:
+            counts += [(read, len(s)) for read, s in zip(enc.attention_mask[: len(asked)].sum(1).tolist(),
+                                                          supplied[-len(asked):])]
+        if timing is not None:
+            ended = time.perf_counter()
+            timing.prefill += (first.at or ended) - began
+            timing.decode += ended - (first.at or ended)
+    return texts, supplied
+
+
+def _own_loop(model, tokenizer, enc, max_new_tokens: int, first: _FirstLogits) -> torch.Tensor:
+    return llama.greedy(model, enc.input_ids, enc.attention_mask, max_new_tokens, tokenizer.eos_token_id,
+                        tokenizer.pad_token_id, on_prefill=lambda: first(None, None))
+
+
+def _transformers_generate(model, tokenizer, enc, max_new_tokens: int, first: _FirstLogits) -> torch.Tensor:
+    from transformers import LogitsProcessorList
+
+    return model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                          eos_token_id=tokenizer.eos_token_id, logits_processor=LogitsProcessorList([first]))
 
 
 def adapter_scale(config: dict) -> float:

@@ -300,16 +300,19 @@ class AskSpec:
     router: str = setting("dense", "dense, bm25 or hybrid (oracle: the gold modules given)")
     top_k: int | None = setting(None, "modules merged (multi) and passages retrieved (rag); default 3, or all modules "
                                 "when fewer", ge=1)
-    merge: str = setting("ties", "linear, cat, ties, dare_linear, dare_ties or magnitude_prune")
+    merge: str = setting("ties", "multi: a weight merge (linear, cat, ties, dare_linear, dare_ties, magnitude_prune) or "
+                         "an output composition (mix, select)")
     threshold: float | None = setting(None, "abstain (no module: the base weights answer) below this router score")
     max_new_tokens: int = setting(24, "longest answer in tokens (memory answers are short)", ge=1)
     batch_size: int = setting(16, "questions generated together", ge=1)
 
     def __post_init__(self) -> None:
         from loramem.answer import check_merge_method, parse_mode
+        from loramem.mix import COMPOSITIONS
 
         parse_mode(self.mode)
-        check_merge_method(self.merge)
+        if self.merge not in COMPOSITIONS:
+            check_merge_method(self.merge)  # its message names the weight merges
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise LoramemError("max_new_tokens and batch_size must be at least 1")
 

@@ -26,9 +26,12 @@ from loramem.answer import (
     Caches,
     Timing,
     adapter_config,
+    adapter_scale,
     fit_context,
     generate,
+    generate_composed,
     modules_applied,
+    read_adapter,
     parse_mode,
     render_example,
     render_prompt,
@@ -36,6 +39,8 @@ from loramem.answer import (
 from loramem.config import AUTO, AskSpec, LoraSpec, TrainSpec
 from loramem.corpus import Document, chunk_text
 from loramem.errors import LoramemError
+from loramem.merge import lora_factors, low_rank
+from loramem.mix import COMPOSITIONS, mixture_weights
 from loramem.executor import InProcess, TrainJob
 from loramem.models import (
     DEFAULT_MODEL,
@@ -111,8 +116,10 @@ def data_hash(examples: list[Example]) -> str:
 class Memory:
     """A folder of memory modules over one base model."""
 
-    def __init__(self, path: Path, model: str, store: Store | None, base: Base | None = None, prompt: str = "plain"):
+    def __init__(self, path: Path, model: str, store: Store | None, base: Base | None = None, prompt: str = "plain",
+                 answer_only: bool = False):
         self.path = path
+        self.answer_only = answer_only  # the base loads without transformers' model code (models.load_base)
         self.model_name = model
         self.store = store  # None until the first module is committed
         self.prompt = store.meta().get("prompt", "plain") if store else prompt  # see answer.PROMPT_STYLES
@@ -124,13 +131,14 @@ class Memory:
 
     @classmethod
     def open(cls, path: str | Path, model: str | None = None, create: bool = False, base: Base | None = None,
-             prompt: str | None = None) -> Memory:
+             prompt: str | None = None, answer_only: bool = False) -> Memory:
         """Open a memory; with create=True a missing one is created on the first write.
 
         `model` defaults to the memory's own base model (or smollm2-135m for a new memory); a different
         one is refused when loaded. `base` passes an already loaded model (it must be the same one).
         `prompt` is the prompt style of a new memory (answer.PROMPT_STYLES; default plain); an existing memory
-        keeps its own, and asking for another is refused.
+        keeps its own, and asking for another is refused. `answer_only` is for a process that only asks (the CLI's
+        `ask`): its base model loads faster and cannot be trained.
         """
         if prompt is not None and prompt not in PROMPT_STYLES:
             raise LoramemError(f"unknown prompt style {prompt!r}; choose one of {', '.join(PROMPT_STYLES)}")
@@ -140,17 +148,17 @@ class Memory:
         empty_folder = path.is_dir() and not any(path.iterdir())
         if not create or (path.exists() and not empty_folder):
             store = Store.open(path)
-            memory = cls(path, model or store.base_model, store, base)
+            memory = cls(path, model or store.base_model, store, base, answer_only=answer_only)
             if prompt is not None and prompt != memory.prompt:
                 raise LoramemError(f"{path} was written with {memory.prompt} prompts; it cannot take {prompt} ones")
             return memory
-        return cls(path, model or (base.name if base else DEFAULT_MODEL), None, base, prompt or "plain")
+        return cls(path, model or (base.name if base else DEFAULT_MODEL), None, base, prompt or "plain", answer_only)
 
     @property
     def base(self) -> Base:
         if self._base is None:
             self._check_base(cached_fingerprint(self.model_name), self.model_name)  # fail before loading
-            self._base = load_base(self.model_name)
+            self._base = load_base(self.model_name, answer_only=self.answer_only)
         self._check_base(self._base.fingerprint, self._base.name)
         return self._base
 
@@ -434,6 +442,8 @@ class Memory:
         longest = max(len(base.tokenizer(q, add_special_tokens=False).input_ids) for q in questions)
         if longest > window:  # checked before routing and generation, which would run for minutes
             raise LoramemError(f"question too long: {longest} tokens; this model reads {window} besides its answer")
+        if weights == "multi" and merge in COMPOSITIONS and top_k is not None and top_k > len(self.modules()):
+            raise LoramemError(f"top_k {top_k} is more than the {len(self.modules())} modules of {self.path}")
         started = time.perf_counter()
         picks = self._modules_for(questions, weights, extra, module, router, top_k, gold, threshold, context)
         chunks, passage = self._passages(questions, router, top_k) if extra == "rag" else ([[] for _ in questions], {})
@@ -457,6 +467,9 @@ class Memory:
                 prompts.append(self._prompt(question, fitted("\n\n".join(passage[h.id] for h in passages))))
             else:
                 prompts.append(self._prompt(question))
+        if weights == "multi" and merge in COMPOSITIONS:
+            return self._answer_composed(questions, prompts, picks, chunks, mode, merge, route_seconds,
+                                         max_new_tokens, batch_size)
         answers: list[Answer | None] = [None] * len(questions)
         in_weights = picks if weights != "base" else [[] for _ in questions]
         for ids, members in _group_by_modules(in_weights).items():
@@ -475,6 +488,43 @@ class Memory:
                     prompt_tokens=read, completion_tokens=written,
                 )
         return answers
+
+    def _answer_composed(self, questions, prompts, picks, chunks, mode, method, route_seconds, max_new_tokens,
+                         batch_size) -> list[Answer]:
+        """Each question's modules composed in output space (loramem.mix), all questions in one batched pass; a
+        question with fewer modules (an abstaining router) fills its rows with the base weights at weight 0."""
+        started = time.perf_counter()
+        k = max(1, max(len(hits) for hits in picks))
+        prepared = {i: self._low_rank(i) for i in {h.id for hits in picks for h in hits}}
+        modules = [[prepared[h.id] for h in hits] + [None] * (k - len(hits)) for hits in picks]
+        scores = [[h.score for h in hits] + [-math.inf] * (k - len(hits)) if hits else [0.0] * k for hits in picks]
+        timing, counts = Timing(merge=time.perf_counter() - started), []
+        texts, supplied = generate_composed(self.base.model, self.base.tokenizer, prompts, modules, scores, method,
+                                            max_new_tokens, batch_size, timing=timing, counts=counts)
+        per_question = timing.share(len(questions))
+        per_question.route = route_seconds
+        weights = mixture_weights(scores).tolist()
+        return [Answer(question, text.strip(), mode, [h.id for h in hits], seconds=per_question.total,
+                       module_scores=[h.score for h in hits], chunks=[{"id": h.id, "score": h.score} for h in passages],
+                       timing=asdict(per_question), prompt_tokens=read, completion_tokens=written,
+                       module_weights=w[: len(hits)],
+                       supplied_by=[hits[j].id if j < len(hits) else "base" for j in rows])
+                for question, text, hits, passages, (read, written), w, rows
+                in zip(questions, texts, picks, chunks, counts, weights, supplied)]
+
+    def _low_rank(self, module_id: str):
+        """A module's factors prepared to run beside the base weights, kept between questions (as one module's answer
+        keeps them); DoRA modules, whose update is no plain delta, cannot be composed."""
+        folder = self.store.module_dir(module_id)
+        self._check_adapter_base(folder)
+        if adapter_config(folder).get("use_dora"):
+            raise LoramemError(f"module {module_id} is a DoRA module: its outputs cannot be composed; answer with it alone")
+
+        def prepared():
+            config, tensors = read_adapter(folder)
+            return low_rank(self.base.model, lora_factors(tensors, adapter_scale(config)))
+
+        return self._caches.low_rank.get_or_compute(("low_rank", str(folder)), prepared)
 
     def score(self, examples: list[Example], module: str | list[str] | None = None, merge: str = "ties",
               rivals: list[list[int]] | None = None, precision: str = "auto") -> list[Scored]:

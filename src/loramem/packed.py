@@ -8,7 +8,9 @@ slower than one on a weight packed in advance (the tied 49152x576 lm_head: 5.5 m
 `packed_linears(model)` runs a block with each plain `nn.Linear` computing through
 `torch.ops.mkldnn._linear_pointwise` on a bf16 copy of its *current* weight packed by
 `torch.ops.mkldnn._reorder_linear_weight` (what inductor's CPU freezing does): the same oneDNN kernel on the same
-bf16 values as `F.linear` under autocast, so the outputs are bit for bit the same. Packed weights are kept per
+bf16 values as `F.linear` under autocast, so the outputs are bit for bit the same, for calls over up to PACKED_ROWS
+rows (decoding; short prompts). Calls over more rows run `F.linear` on a plain bf16 copy kept beside the packed one,
+as autocast would, because with AMX oneDNN rounds a packed product over many rows differently. Packed weights are kept per
 model between calls (`PackCache`), keyed by the weight tensor's storage and version: a merge swaps tensors in
 (merge.swap_in) and a module's factors run beside the weight (merge.fused), so the packed copy always matches the
 weight the layer holds at that moment. Weights changed in place through `.data` (which bumps no version) would not
@@ -38,10 +40,22 @@ def available(device: torch.device) -> bool:
             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+# oneDNN runs a packed weight by the same kernel as autocast's bf16 matmul only for few rows: on a CPU with AMX, 64
+# rows and more (a batch's prefill, a long context) come out rounded differently (tests/test_packed.py checks every
+# row count up to this one and beyond it). Calls over more rows take a plain bf16 copy, as autocast does.
+PACKED_ROWS = 16
+
+
 @dataclass
 class _Entry:
     source: torch.Tensor  # held so its storage (the key's address) cannot be freed and reused while kept
     packed: torch.Tensor
+    plain: torch.Tensor | None = None  # the bf16 weight unpacked, made on the first call over many rows
+
+    def bf16(self) -> torch.Tensor:
+        if self.plain is None:
+            self.plain = self.source.to(torch.bfloat16)
+        return self.plain
 
 
 def _key(weight: torch.Tensor) -> tuple:
@@ -58,6 +72,9 @@ class PackCache:
         self._entries: OrderedDict[tuple, _Entry] = OrderedDict()
 
     def packed(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.entry(weight).packed
+
+    def entry(self, weight: torch.Tensor) -> _Entry:
         key = _key(weight)
         entry = self._entries.get(key)
         if entry is None:
@@ -69,7 +86,7 @@ class PackCache:
                 self._entries.popitem(last=False)
         else:
             self._entries.move_to_end(key)
-        return entry.packed
+        return entry
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -79,14 +96,18 @@ _CACHES: weakref.WeakKeyDictionary[torch.nn.Module, PackCache] = weakref.WeakKey
 
 
 class _PackedLinear:
-    """A linear layer's forward through its packed bf16 weight (the bias cast as autocast casts it)."""
+    """A linear layer's forward through its packed bf16 weight, or its plain bf16 copy for many rows (the bias cast
+    as autocast casts it)."""
 
-    def __init__(self, packed: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.packed = packed
+    def __init__(self, entry: _Entry, bias: torch.Tensor | None) -> None:
+        self.entry = entry
         self.bias = None if bias is None else bias.detach().to(torch.bfloat16)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed, self.bias, "none", [], "")
+        x = x.to(torch.bfloat16)
+        if x.numel() <= PACKED_ROWS * x.shape[-1]:
+            return torch.ops.mkldnn._linear_pointwise(x, self.entry.packed, self.bias, "none", [], "")
+        return torch.nn.functional.linear(x, self.entry.bf16(), self.bias)
 
 
 def _plain_linears(model: torch.nn.Module) -> list[torch.nn.Linear] | None:
@@ -116,7 +137,7 @@ def packed_linears(model: torch.nn.Module, cache: PackCache | None = None):
     undo = []
     try:
         for layer in layers:
-            packed = _PackedLinear(cache.packed(layer.weight), layer.bias)
+            packed = _PackedLinear(cache.entry(layer.weight), layer.bias)
             own = layer.__dict__.get("forward")
             if own is None:
                 layer.forward = packed

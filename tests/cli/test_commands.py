@@ -26,6 +26,8 @@ def test_write_inspect_ask(memory):
     out = loramem("ask", memory, "What is the phone number of Ann Lee?", "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["text"].startswith("603-556-7631")
+    plain = loramem("ask", memory, "What is the phone number of Ann Lee?")  # ends without the interpreter's teardown
+    assert plain.returncode == 0 and plain.stdout.startswith("603-556-7631") and plain.stdout.endswith("\n")
 
 
 def test_verbose_logs_each_epoch(tmp_path):

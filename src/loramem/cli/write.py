@@ -110,8 +110,11 @@ def ask(
     """Ask MEMORY a question."""
     from loramem.memory import Memory
 
-    answer = Memory.open(memory, model=model).ask(question, ask_spec, module=module)
+    from loramem.cli import skip_teardown
+
+    answer = Memory.open(memory, model=model, answer_only=True).ask(question, ask_spec, module=module)
     print_json(answer.to_dict()) if as_json else console.print(answer.text, highlight=False)
+    skip_teardown.append("ask")
 
 
 @app.command()

@@ -1,0 +1,90 @@
+"""PhoneBook sectors: several modules composed in output space (mix, select) against weight merges and top-1.
+
+    python benchmarks/compose.py --memory runs/compose.mem [--count 4] [--sector 2K] [--questions N] [--json]
+
+Writes (or, when already written, reuses) one rank-4 module per PhoneBook sector (the 128K file cut into `--count`
+sectors of `--sector` tokens, the defaults' recipe) through Memory.write, then asks every sector's questions
+through Memory.ask_many with: the router's top 1; its top 3 composed by `mix` and by `select`, and merged by TIES
+and by the linear average, for each router (dense, bm25, hybrid); and the gold module forced to the third of three
+places (two other sectors first, all at score 1), composed and merged. Exact match of the phone number, seconds per
+question, and for composed answers the share of answer tokens supplied by the gold module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from loramem.bench import phonebook as pb
+from loramem.config import LoraSpec
+from loramem.memory import Memory
+from loramem.precision import hardware, resolve
+
+COMBINATIONS = ("mix", "select", "ties", "linear")
+
+
+def written(memory: Memory, parts) -> list[str]:
+    """One module per sector, written with the defaults (committed ones are found again, not retrained)."""
+    return [memory.write(pb.examples(part), lora=LoraSpec(rank=4), name=f"sector-{i}").id
+            for i, part in enumerate(parts)]
+
+
+def score(memory, asked, gold_ids, **ask) -> dict:
+    started = time.perf_counter()
+    answers = memory.ask_many([e.question for e in asked], **ask)
+    wall = time.perf_counter() - started
+    exact = [pb.phone_exact_match(a.text, e.phone) for a, e in zip(answers, asked)]
+    row = {"exact_match": sum(exact) / len(asked), "seconds_per_question": wall / len(asked)}
+    if answers[0].supplied_by:
+        tokens = [(s == g) for a, g in zip(answers, gold_ids) for s in a.supplied_by]
+        row["gold_supplied"] = sum(tokens) / max(1, len(tokens))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--memory", type=Path, required=True)
+    parser.add_argument("--count", type=int, default=4)
+    parser.add_argument("--sector", default="2K")
+    parser.add_argument("--questions", type=int, default=None, help="per sector (default: all)")
+    parser.add_argument("--routers", default="dense,bm25,hybrid")
+    parser.add_argument("--data-dir", default=os.environ.get("LORAMEM_DATA"))
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    parts = pb.sectors(pb.load("128K", args.data_dir), args.sector, args.count)
+    memory = Memory.open(args.memory, create=True)
+    ids = written(memory, parts)
+    per = args.questions or len(parts[0])
+    asked = [e for part in parts for e in part[:per]]
+    gold = [ids[i] for i, part in enumerate(parts) for _ in part[:per]]
+    rows = [{"setting": "top 1", "router": "oracle", **score(memory, asked, gold, mode="lora", router="oracle",
+                                                            gold=gold)}]
+    for router in args.routers.split(","):
+        rows.append({"setting": "top 1", "router": router, **score(memory, asked, gold, mode="lora", router=router)})
+        for how in COMBINATIONS:
+            rows.append({"setting": f"top 3 {how}", "router": router,
+                         **score(memory, asked, gold, mode="multi", router=router, top_k=3, merge=how)})
+    for how in COMBINATIONS:  # gold third of three: per sector, the two next sectors' modules before it
+        results = []
+        for i, part in enumerate(parts):
+            order = [ids[(i + 1) % len(ids)], ids[(i + 2) % len(ids)], ids[i]]
+            results.append(score(memory, part[:per], [ids[i]] * per, mode="multi", module=order, merge=how))
+        rows.append({"setting": f"gold third, {how}", "router": "forced",
+                     **{k: sum(r[k] for r in results) / len(results) for k in results[0]}})
+    result = {"hardware": hardware(), "precision": resolve(), "sectors": args.count, "sector_size": args.sector,
+              "questions": len(asked), "modules": ids, "rows": rows}
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    print(f"{args.count} sectors of {args.sector}, {len(asked)} questions; {result['hardware']}, {result['precision']}")
+    for r in rows:
+        gold_share = f"  gold supplied {r['gold_supplied']:.1%}" if "gold_supplied" in r else ""
+        print(f"{r['setting']:22s} {r['router']:7s} exact {r['exact_match']:6.1%}  {r['seconds_per_question']:.3f} s/q"
+              f"{gold_share}")
+
+
+if __name__ == "__main__":
+    main()
