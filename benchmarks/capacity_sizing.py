@@ -11,9 +11,10 @@ Sizes come from loramem.capacity (measured cells: a memory's modules or benchmar
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
+
+from common import report
 
 from loramem.bench import phonebook as pb
 from loramem.bench import sibling_memory
@@ -57,15 +58,16 @@ def main() -> None:
     result = {"size": args.size, "entries": len(entries), "rank": args.rank, "targets": args.targets,
               "layers": args.layers, "trainable_params": params, "threshold": args.threshold,
               "measured_tokens_per_param": tokens_per_param(cells, lora, args.threshold), "rows": rows}
-    if args.json:
-        print(json.dumps(result, indent=1))
-        return
-    print(f"PhoneBook {args.size} ({len(entries)} entries), rank {args.rank} {args.targets} {args.layers}: "
-          f"{params} parameters per module, measured {result['measured_tokens_per_param']:.4f} tokens/parameter")
-    print(f"{'setting':28} {'tokens/module':>13} {'modules':>7} {'exact':>7} {'worst recall':>12} {'train s':>8}")
-    for r in rows:
-        print(f"{r['setting']:28} {r['tokens_per_module']:>13} {r['modules']:>7} {r['exact_match']:>7.1%} "
-              f"{r['worst_module_recall']:>12.2f} {r['train_seconds']:>8.0f}")
+
+    def table() -> None:
+        print(f"PhoneBook {args.size} ({len(entries)} entries), rank {args.rank} {args.targets} {args.layers}: "
+              f"{params} parameters per module, measured {result['measured_tokens_per_param']:.4f} tokens/parameter")
+        print(f"{'setting':28} {'tokens/module':>13} {'modules':>7} {'exact':>7} {'worst recall':>12} {'train s':>8}")
+        for r in rows:
+            print(f"{r['setting']:28} {r['tokens_per_module']:>13} {r['modules']:>7} {r['exact_match']:>7.1%} "
+                  f"{r['worst_module_recall']:>12.2f} {r['train_seconds']:>8.0f}")
+
+    report(result, args.json, table)
 
 
 if __name__ == "__main__":

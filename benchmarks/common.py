@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from loramem.errors import LoramemError
@@ -34,3 +35,11 @@ def recipe_kwargs(text: str) -> tuple[dict, dict]:
     arguments: the `lora_*` keys without their prefix, TrainSpec and any other keyword arguments)."""
     kw = eval(f"dict({text})")  # noqa: S307 - a benchmark's own command line
     return {k[len("lora_"):]: kw.pop(k) for k in list(kw) if k.startswith("lora_")}, kw
+
+
+def report(result, as_json: bool, table: Callable[[], None]) -> None:
+    """A script's output: the result as one JSON object with --json, else its own table."""
+    if as_json:
+        print(json.dumps(result, indent=1))
+    else:
+        table()

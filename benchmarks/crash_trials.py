@@ -3,7 +3,7 @@ trials the memory survived.
 
     OMP_NUM_THREADS=1 python benchmarks/crash_trials.py [--trials 20] [--seed 0] [--json]
 
-Each trial is tests/test_crash.py's kill_trial on a fresh memory: the write (4 facts, a module each, on the
+Each trial is benchmarks/crash.py's kill_trial on a fresh memory: the write (4 facts, a module each, on the
 tiny model) is killed once its write lock is taken or after 1-3 commits (drawn at random), plus a random
 0-1.5 s, or (half the trials) once the next module is being saved, plus 0-50 ms; then a reader must find whole modules only, each answering its fact, and the same write run again
 must complete the memory without retraining a committed module and past the dead writer's lock file.
@@ -13,7 +13,6 @@ A trial survives when every check passes.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile
@@ -22,11 +21,10 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from common import report
+from crash import MAX_DELAY, MAX_STAGING_DELAY, PEOPLE, kill_trial
 
-from test_crash import MAX_DELAY, MAX_STAGING_DELAY, PEOPLE, kill_trial  # noqa: E402
-
-from loramem.models import load_base  # noqa: E402
+from loramem.models import load_base
 
 
 def main() -> None:
@@ -59,13 +57,14 @@ def main() -> None:
                "killed_between_first_and_last_commit": sum(0 < row["committed"] < len(PEOPLE) for row in killed),
                "left_staging_or_unlisted_folders": sum(bool(row["leftovers"]) for row in killed),
                "seconds": round(time.perf_counter() - started), "trials": rows}
-    if args.json:
-        print(json.dumps(summary, indent=1))
-    else:
+
+    def table() -> None:
         print(f"survived {survived}/{len(rows)}: {len(killed)} killed by SIGKILL (the rest had finished), "
               f"{summary['killed_between_first_and_last_commit']} with some but not all modules committed, "
               f"{summary['left_staging_or_unlisted_folders']} leaving a staging or unlisted module folder; "
               f"{summary['seconds']} s")
+
+    report(summary, args.json, table)
     sys.exit(0 if survived == len(rows) else 1)
 
 

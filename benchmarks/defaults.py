@@ -26,7 +26,7 @@ from loramem.config import LoraSpec, TrainSpec
 from loramem.memory import Memory
 from loramem.precision import hardware, run_precision
 
-from common import recipe_kwargs
+from common import recipe_kwargs, report
 
 RECIPES = {
     # Before issue 19: every layer, the whole-vocabulary softmax, a decay to zero over 16 epochs.
@@ -47,24 +47,20 @@ def recipe(text: str) -> tuple[LoraSpec, TrainSpec]:
 
 def cell_examples(cell: str, base) -> tuple[list, list]:
     """(examples to write, PhoneBook entries to ask or [])."""
+    from loramem.bench import get, without_leaks
+
     kind, _, size = cell.partition(":")
-    if kind == "pb":
-        from loramem.bench import phonebook as pb
-
-        entries = pb.load(size)
-        return pb.examples(entries), entries
-    if kind == "cf":
-        from loramem.bench import counterfact as cf
-
-        return cf.examples(cf.load(size)), []
+    if kind in ("pb", "cf"):  # a facts benchmark, written as it is
+        bench = get({"pb": "phonebook", "cf": "counterfact"}[kind])
+        items = bench.load(size)
+        return bench.to_write(items), items if kind == "pb" else []
     if kind == "qa":  # every selected paper's synthetic QA pairs, leaks of evaluation questions dropped
-        from loramem.bench import paperqa, without_leaks
         from loramem.synth import HFGenerator, SynthSpec, synthesize
 
-        examples = []
-        for paper in paperqa.load(papers=size):
+        bench, examples = get("paperqa"), []
+        for paper in bench.load(size):
             made, _ = synthesize(paper.document(), SynthSpec(), HFGenerator(base), tokenizer=base.tokenizer)
-            examples += without_leaks(made, [q.question for q in paper.questions])[0]
+            examples += without_leaks(made, bench.questions([paper]))[0]
         return examples, []
     raise SystemExit(f"error: unknown cell {cell!r}: pb:SIZE, cf:SIZE or qa:PAPERS")
 
@@ -110,13 +106,14 @@ def main() -> None:
                for c in dict.fromkeys(r["cell"] for r in rows) for n in names
                if (group := [r for r in rows if r["cell"] == c and r["recipe"] == n])]
     result = {"rows": rows, "summary": summary, "precision": run_precision(), "hardware": hardware()}
-    if args.json:
-        print(json.dumps(result, indent=1))
-    else:
+
+    def table() -> None:
         for line in summary:
             print(f"{line['cell']:>8} {line['recipe']:>40}  {line['median_seconds']:7.1f} s  recall {line['min_recall']:.3f}"
                   f"  ({line['runs']} runs)")
         print(f"precision {result['precision']}, {hardware()}")
+
+    report(result, args.json, table)
 
 
 if __name__ == "__main__":

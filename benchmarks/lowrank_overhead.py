@@ -13,7 +13,6 @@ one: the memory keeps them), medians of 15.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -28,7 +27,7 @@ from loramem.merge import MergeCache, fused, low_rank
 from loramem.models import load_base
 from loramem.train.adapters import attached, save_adapter
 
-from common import rotations
+from common import report, rotations
 
 
 @contextmanager
@@ -104,15 +103,16 @@ def main() -> None:
               "apply_prepared_module_ms": 1000 * statistics.median(entries["prepared"][1:]),
               **{f"{v}_over_base": ms[v] / ms["base"] for v in compared},
               **{f"{v}_us_per_layer": 1000 * (ms[v] - ms["base"]) / layers for v in compared}}
-    if args.json:
-        print(json.dumps(result, indent=1))
-        return
-    for v in variants:
-        extra = "" if v == "base" else (f"  {result[f'{v}_over_base']:.3f}x  "
-                                        f"{result[f'{v}_us_per_layer']:.1f} us per layer")
-        print(f"{v:16s} {ms[v]:6.2f} ms per one-token forward{extra}")
-    print(f"entering and leaving module_applied: {result['apply_module_ms']:.1f} ms reading the module, "
-          f"{result['apply_prepared_module_ms']:.1f} ms with its factors prepared")
+
+    def table() -> None:
+        for v in variants:
+            extra = "" if v == "base" else (f"  {result[f'{v}_over_base']:.3f}x  "
+                                            f"{result[f'{v}_us_per_layer']:.1f} us per layer")
+            print(f"{v:16s} {ms[v]:6.2f} ms per one-token forward{extra}")
+        print(f"entering and leaving module_applied: {result['apply_module_ms']:.1f} ms reading the module, "
+              f"{result['apply_prepared_module_ms']:.1f} ms with its factors prepared")
+
+    report(result, args.json, table)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,12 @@ the linear average and the plain sum (weights 1).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from loramem.answer import modules_applied
 from loramem.train.score import teacher_forced
 
-from common import open_memory
+from common import open_memory, report
 
 
 def main() -> None:
@@ -43,12 +42,13 @@ def main() -> None:
         "with 2 others, linear average": exact(folders, "linear"),
         "with 2 others, sum (weights 1)": exact(folders, "linear", weights=[1.0] * 3),
     }
-    if args.json:
-        print(json.dumps({"module": modules[0].name, "facts": len(facts), "exact_match": result}, indent=1))
-        return
-    print(f"{len(facts)} facts of module {modules[0].name}, exact match read teacher-forced")
-    for setting, share in result.items():
-        print(f"{setting:34s} {share:.3f}")
+
+    def table() -> None:
+        print(f"{len(facts)} facts of module {modules[0].name}, exact match read teacher-forced")
+        for setting, share in result.items():
+            print(f"{setting:34s} {share:.3f}")
+
+    report({"module": modules[0].name, "facts": len(facts), "exact_match": result}, args.json, table)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ example's answer.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from contextlib import contextmanager, nullcontext
@@ -28,7 +27,7 @@ from pathlib import Path
 from loramem import answer
 from loramem.memory import Memory
 
-from common import open_memory
+from common import open_memory, report
 
 
 @contextmanager
@@ -82,13 +81,14 @@ def main() -> None:
     rag = result["settings"]["rag"]["seconds"]
     for setting in settings:
         result["settings"][setting]["over_rag"] = result["settings"][setting]["seconds"] / rag
-    if args.json:
-        print(json.dumps(result, indent=1))
-        return
-    print(f"{len(pairs)} questions from {args.memory}, medians of {args.reps}")
-    for setting, row in result["settings"].items():
-        print(f"{setting:12s} {row['seconds']:7.1f} s  ({row['over_rag']:.2f}x RAG)  merge {row['merge_s']:5.1f} s  "
-              f"sets {row['module_sets']:.0f}  exact {row['exact_match']:.2f}  prompt tokens {row['prompt_tokens']:.0f}")
+
+    def table() -> None:
+        print(f"{len(pairs)} questions from {args.memory}, medians of {args.reps}")
+        for setting, row in result["settings"].items():
+            print(f"{setting:12s} {row['seconds']:7.1f} s  ({row['over_rag']:.2f}x RAG)  merge {row['merge_s']:5.1f} s  "
+                  f"sets {row['module_sets']:.0f}  exact {row['exact_match']:.2f}  prompt tokens {row['prompt_tokens']:.0f}")
+
+    report(result, args.json, table)
 
 
 if __name__ == "__main__":

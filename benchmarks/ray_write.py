@@ -13,7 +13,6 @@ The in-process write uses torch's threads (OMP_NUM_THREADS); each Ray task runs 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -21,6 +20,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from common import report
 
 from loramem import LoraSpec, Memory, TrainSpec
 from loramem.bench import phonebook as pb
@@ -80,19 +81,20 @@ def main() -> None:
         "load_average_1min": os.getloadavg()[0],
         "in_process_all_s": in_process, "ray_all_s": with_ray,
     }
-    if args.json:
-        print(json.dumps(result, indent=1))
-        return
-    print(f"{args.model}: {result['modules']} modules from {len(examples)} PhoneBook entries, {args.epochs} epochs, "
-          f"rank 4 on the late layers; medians of {args.reps}")
-    print(f"{'write':<40}{'seconds':>9}")
-    for label, value in [("in process", result["in_process_s"]),
-                         (f"ray, {args.cpus} CPUs, first (starts workers)", result["ray_cold_s"]),
-                         (f"ray, {args.cpus} CPUs, warm", result["ray_warm_s"]),
-                         ("ray.init", ray_start)]:
-        print(f"{label:<40}{value:>9.1f}")
-    print(f"speed-up (warm): {result['speedup_warm']:.2f}x; Ray trained {result['ray_modules_training_at_once']:.1f} "
-          f"modules at once on average; load average {result['load_average_1min']:.1f} on {os.cpu_count()} CPUs")
+
+    def table() -> None:
+        print(f"{args.model}: {result['modules']} modules from {len(examples)} PhoneBook entries, {args.epochs} epochs, "
+              f"rank 4 on the late layers; medians of {args.reps}")
+        print(f"{'write':<40}{'seconds':>9}")
+        for label, value in [("in process", result["in_process_s"]),
+                             (f"ray, {args.cpus} CPUs, first (starts workers)", result["ray_cold_s"]),
+                             (f"ray, {args.cpus} CPUs, warm", result["ray_warm_s"]),
+                             ("ray.init", ray_start)]:
+            print(f"{label:<40}{value:>9.1f}")
+        print(f"speed-up (warm): {result['speedup_warm']:.2f}x; Ray trained {result['ray_modules_training_at_once']:.1f} "
+              f"modules at once on average; load average {result['load_average_1min']:.1f} on {os.cpu_count()} CPUs")
+
+    report(result, args.json, table)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ recall@1/@3 per router (overall and per question level) and the time to build th
 from __future__ import annotations
 
 import argparse
-import json
 import time
+
+from common import report
 
 from loramem.bench import paperqa
 from loramem.corpus import chunk_text
@@ -44,14 +45,15 @@ def main() -> None:
             picked = [i for i, q in enumerate(questions) if q.level == level]
             row[f"recall@1_l{level}"] = recall_at_k([ranked[i] for i in picked], [gold[i] for i in picked], 1)
         result["routers"][kind] = row
-    if args.json:
-        print(json.dumps(result, indent=1))
-        return
-    print(f"PaperQA routing: {result['questions']} questions, {result['papers']} papers, {result['keys']} keys")
-    for kind, row in result["routers"].items():
-        print(f"{kind:7s} R@1 {row['recall@1']:.3f}  R@3 {row['recall@3']:.3f}  "
-              f"R@1 by level {row['recall@1_l1']:.2f}/{row['recall@1_l2']:.2f}/{row['recall@1_l3']:.2f}  "
-              f"build {row['build_s']:.1f} s  {row['ms_per_question']:.1f} ms/question")
+
+    def table() -> None:
+        print(f"PaperQA routing: {result['questions']} questions, {result['papers']} papers, {result['keys']} keys")
+        for kind, row in result["routers"].items():
+            print(f"{kind:7s} R@1 {row['recall@1']:.3f}  R@3 {row['recall@3']:.3f}  "
+                  f"R@1 by level {row['recall@1_l1']:.2f}/{row['recall@1_l2']:.2f}/{row['recall@1_l3']:.2f}  "
+                  f"build {row['build_s']:.1f} s  {row['ms_per_question']:.1f} ms/question")
+
+    report(result, args.json, table)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from getrusage(RUSAGE_CHILDREN) after it exits (it is this process's only child)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import socket
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import httpx
 import openai
+
+from common import report
 
 from loramem.bench import phonebook as pb
 from loramem.metrics import phone_exact_match
@@ -144,18 +145,19 @@ def main() -> None:
     result = {"model": args.model, "phonebook": args.phonebook, "max_batch": args.max_batch,
               "batch_window_ms": args.batch_window_ms,
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "server_peak_rss_mb": peak_rss_mb, "rows": rows}
-    if args.json:
-        print(json.dumps(result, indent=1))
-        return
-    print(f"{args.model}, PhoneBook {args.phonebook}, max batch {args.max_batch}, window {args.batch_window_ms} ms, "
-          f"OMP_NUM_THREADS={result['omp_num_threads']}, server peak RSS {peak_rss_mb:.0f} MB")
-    print(f"{'clients':>7} {'requests':>8} {'errors':>6} {'req/s':>7} {'p50 s':>7} {'p95 s':>7} {'batch':>6} {'exact':>6}")
-    for row in rows:
-        if row["errors"] == row["requests"]:
-            print(f"{row['clients']:>7} {row['requests']:>8} {row['errors']:>6}  all failed: {row['first_errors'][0]}")
-            continue
-        print(f"{row['clients']:>7} {row['requests']:>8} {row['errors']:>6} {row['requests_per_second']:>7.2f} "
-              f"{row['p50_seconds']:>7.3f} {row['p95_seconds']:>7.3f} {row['mean_batch']:>6.1f} {row['exact_match']:>6.0%}")
+
+    def table() -> None:
+        print(f"{args.model}, PhoneBook {args.phonebook}, max batch {args.max_batch}, window {args.batch_window_ms} ms, "
+              f"OMP_NUM_THREADS={result['omp_num_threads']}, server peak RSS {peak_rss_mb:.0f} MB")
+        print(f"{'clients':>7} {'requests':>8} {'errors':>6} {'req/s':>7} {'p50 s':>7} {'p95 s':>7} {'batch':>6} {'exact':>6}")
+        for row in rows:
+            if row["errors"] == row["requests"]:
+                print(f"{row['clients']:>7} {row['requests']:>8} {row['errors']:>6}  all failed: {row['first_errors'][0]}")
+                continue
+            print(f"{row['clients']:>7} {row['requests']:>8} {row['errors']:>6} {row['requests_per_second']:>7.2f} "
+                  f"{row['p50_seconds']:>7.3f} {row['p95_seconds']:>7.3f} {row['mean_batch']:>6.1f} {row['exact_match']:>6.0%}")
+
+    report(result, args.json, table)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from loramem.train.forward import cache_frozen_layers, first_trainable_layer
 from loramem.train.loop import _loss, candidate_vocab
 from loramem.train.pack import encode, pack
 
-from common import rotations
+from common import report, rotations
 
 NEXT_TOKEN = TrainSpec()  # the fast step's loss: train's next-token objective
 
@@ -123,11 +123,12 @@ def main() -> None:
         result["answer"] = answer_latency(base, args.rank, args.reps)
     if "merge" in parts:
         result["merge_3_modules"] = merge_latency(base, args.rank, args.reps)
-    if args.json:
-        print(json.dumps(result, indent=1))
-    else:
+
+    def table() -> None:
         for key, value in result.items():
             print(f"{key:32s} {json.dumps(value) if isinstance(value, dict) else value}")
+
+    report(result, args.json, table)
 
 
 def train_throughput(args, base, spec: LoraSpec, bf16: bool, result: dict) -> None:

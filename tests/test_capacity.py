@@ -6,7 +6,7 @@ from loramem import LoraSpec, Memory, TrainSpec, facts_from_text
 from loramem.capacity import Cell, cells_from, cells_from_file, module_tokens, tokens_per_param, trainable_params
 from loramem.errors import LoramemError
 
-from test_cli import loramem
+from command_line import loramem
 from sample_facts import LINEAR_TO_ZERO
 
 LATE = LoraSpec(rank=4, layers="late")

@@ -87,3 +87,16 @@ def test_first_and_last_layer_sets():
     assert LoraSpec(layers="last4").layer_indices(18) == [14, 15, 16, 17]
     with pytest.raises(LoramemError, match="has 4 layers"):
         LoraSpec(layers="last5").layer_indices(4)
+
+
+def test_ask_spec_defaults_and_checks():
+    from loramem.config import AskSpec
+
+    assert AskSpec() == AskSpec(mode="lora", router="dense", top_k=None, merge="ties", threshold=None,
+                                max_new_tokens=24, batch_size=16)
+    with pytest.raises(LoramemError, match="unknown mode 'telepathy'"):
+        AskSpec(mode="telepathy")
+    with pytest.raises(LoramemError, match="unknown merge method 'blend'"):
+        AskSpec(merge="blend")
+    with pytest.raises(LoramemError, match="max_new_tokens and batch_size must be at least 1"):
+        AskSpec(max_new_tokens=0)

@@ -261,6 +261,11 @@ _SUMMING = ("linear", "cat", "dare_linear", "magnitude_prune")
 DEFAULT_DENSITY = 0.5
 
 
+def check_merge_method(method: str) -> None:
+    if method not in MERGE_METHODS:
+        raise LoramemError(f"unknown merge method {method!r}; choose one of {', '.join(MERGE_METHODS)}")
+
+
 def default_weights(method: str, n: int) -> list[float]:
     return [1.0 / n] * n if method in _SUMMING else [1.0] * n
 
@@ -279,8 +284,7 @@ def modules_applied(model: torch.nn.Module, folders: list[Path], method: str = "
     from loramem.merge import (_method_params, applied, cat_factors, fused, lora_deltas, lora_factors, low_rank, merge,
                                merge_key, merged_weights)
 
-    if method not in MERGE_METHODS:
-        raise LoramemError(f"unknown merge method {method!r}; choose one of {', '.join(MERGE_METHODS)}")
+    check_merge_method(method)
     if len(folders) == 1 and method in ("linear", "cat") and weights is None:
         with module_applied(model, folders[0], caches.low_rank if caches else None) as one:  # averaging one is the one
             yield one

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from loramem.config import LoraSpec
+from loramem.config import AUTO, LoraSpec
 from loramem.errors import LoramemError
 
 DEFAULT_THRESHOLD = 0.95  # the paper's T_max: the largest size still stored at >= 95%
@@ -143,3 +143,19 @@ def _last_layer_params(model, lora: LoraSpec) -> int:
     names, marker = set(lora.target_modules()), f"layers.{model.config.num_hidden_layers - 1}."
     return sum(lora.rank * (m.in_features + m.out_features) for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and marker in name and name.rsplit(".", 1)[-1] in names)
+
+
+def shard_tokens(value: str, capacity: Path, threshold: float, memory, lora: LoraSpec) -> tuple[int, bool]:
+    """A write's tokens of facts per module: a number (0: one module for all), or "auto", measured capacity (a
+    memory folder or benchmark JSON) scaled to one module of `lora` on `memory`'s base model. Returns the tokens and
+    whether they were sized from capacity."""
+    if value.strip().lower() != "auto":
+        try:
+            return int(value), False
+        except ValueError:
+            raise LoramemError(f"--shard-tokens must be a number of tokens or auto, got {value!r}") from None
+    if lora.layers == AUTO:
+        raise LoramemError("--shard-tokens auto sizes modules by the capacity measured at one placement: give --layers")
+    if not Path(capacity).exists():
+        raise LoramemError(f"--shard-tokens auto needs measured capacity: {capacity} does not exist (--capacity)")
+    return module_tokens(trainable_params(memory.base.model, lora), cells_from(capacity, memory), lora, threshold), True

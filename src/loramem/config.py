@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any, get_type_hints
 
 from loramem.errors import LoramemError
 
@@ -22,30 +23,101 @@ TARGET_GROUPS = {
 PRECISIONS = ("auto", "bf16", "fp32")  # what loramem.precision resolves
 AUTO = "auto"
 
+
+# --- settings: every field is declared once, with its help text; the CLI's options and the server's request
+# models are built from these declarations (cli/options.py, serve.py), so a new field appears everywhere at once.
+
+def setting(default: Any, help: str, **options: Any) -> Any:
+    """A documented settings field. `options` (read by settings_fields' users): `cli=False` keeps it off the
+    command line and requests (a run-level or structured setting); `zero_is_none=True`: 0 given there means None;
+    `group="variants"`: boolean fields sharing a group are one comma-separated option; `ge`: a request's minimum."""
+    return field(default=default, metadata={"help": help, **options})
+
+
+@dataclass(frozen=True)
+class SettingField:
+    """One settings field as the CLI and the server see it."""
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+    options: dict
+
+
+def settings_fields(cls) -> list[SettingField]:
+    """The documented fields of a settings dataclass, types resolved, in declaration order."""
+    hints = get_type_hints(cls)
+    out = []
+    for f in fields(cls):
+        if "help" not in f.metadata:
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        options = {k: v for k, v in f.metadata.items() if k != "help"}
+        out.append(SettingField(f.name, hints[f.name], default, f.metadata["help"], options))
+    return out
+
+
+def option_fields(classes, exclude=()) -> tuple[list[SettingField], dict[str, list[SettingField]]]:
+    """What the CLI and the server offer of these settings: each field once (a name shared by two settings, like
+    seed, is one option that sets both), none marked cli=False or in `exclude`, and the flags of a group apart
+    (one comma-separated option each)."""
+    plain: dict[str, SettingField] = {}
+    groups: dict[str, list[SettingField]] = {}
+    for cls in classes:
+        for f in settings_fields(cls):
+            if f.options.get("cli", True) is False or f.name in plain or f.name in exclude:
+                continue
+            if f.options.get("group"):
+                groups.setdefault(f.options["group"], []).append(f)
+            else:
+                plain[f.name] = f
+    return list(plain.values()), groups
+
+
+def group_help(members: list[SettingField]) -> str:
+    return "comma-separated: " + ", ".join(f"{m.name} ({m.help})" for m in members)
+
+
+def build_settings(cls, values: dict):
+    """An instance of `cls` from option values keyed by field name (groups and zero_is_none applied; keys of other
+    settings ignored)."""
+    chosen: dict[str, Any] = {}
+    groups: dict[str, list[SettingField]] = {}
+    for f in settings_fields(cls):
+        group = f.options.get("group")
+        if group:
+            groups.setdefault(group, []).append(f)
+        elif f.name in values:
+            value = values[f.name]
+            chosen[f.name] = None if f.options.get("zero_is_none") and value == 0 else value
+    for group, members in groups.items():
+        if group in values:
+            chosen |= _group_flags(group, values[group], [m.name for m in members])
+    return cls(**chosen)
+
+
+def _group_flags(group: str, text: str | None, names: list[str]) -> dict[str, bool]:
+    picked = {v.strip() for v in (text or "").split(",") if v.strip()}
+    if picked - set(names):
+        raise LoramemError(f"unknown LoRA {group[:-1]}(s) {', '.join(sorted(picked))}: choose from {', '.join(names)}")
+    return {name: name in picked for name in names}
+
 @dataclass
 class LoraSpec:
-    """What one memory module looks like.
+    """What one memory module looks like: the rank, the scaling, the weights it adapts and the PEFT variant."""
 
-    rank:    LoRA rank r (> 0).
-    alpha:   LoRA scaling numerator; the update is (alpha / r) * B @ A (alpha / sqrt(r) with rslora).
-             None means alpha = 2 * rank.
-    dropout: dropout on the LoRA input during training.
-    targets: "attention", "ffn", "all", or a comma-separated list of module names ("q_proj,down_proj").
-    layers:  "auto" (the last layers, as many as the data needs: capacity.auto_layers, resolved when a module is
-             written), "all", "early" (first third), "late" (last third), "firstN" / "lastN" (the first or last N
-             layers), a range "a-b" (inclusive) or a list "0,3,5".
-    rslora, dora, pissa: PEFT variants passed through (rank-stabilised scaling, weight decomposition,
-             principal-singular-vector initialisation).
-    """
-
-    rank: int = 4
-    alpha: float | None = None
-    dropout: float = 0.0
-    targets: str = "all"
-    layers: str = "auto"
-    rslora: bool = False
-    dora: bool = False
-    pissa: bool = False
+    rank: int = setting(4, "LoRA rank r (> 0)")
+    alpha: float | None = setting(None, "LoRA alpha: the update is (alpha / r) B A, alpha / sqrt(r) with rslora "
+                                  "(default 2 x rank)")
+    dropout: float = setting(0.0, "dropout on the LoRA input during training")
+    targets: str = setting("all", "attention, ffn, all, or module names (q_proj,down_proj)")
+    layers: str = setting("auto", "auto (the last layers, as many as the data needs: capacity.auto_layers, resolved "
+                          "when a module is written), all, early (first third), late (last third), firstN, lastN, "
+                          "a-b (inclusive) or a list 0,3,5")
+    rslora: bool = setting(False, "rank-stabilised scaling", group="variants")
+    dora: bool = setting(False, "weight decomposition", group="variants")
+    pissa: bool = setting(False, "principal-singular-vector initialisation", group="variants")
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank <= 0:
@@ -128,65 +200,49 @@ class TrainSpec:
 
     The defaults are the fastest recipe measured that stores every benchmark's facts exactly (docs/BENCHMARKS.md,
     "Defaults"): a high rate on few late layers (LoraSpec.layers "auto"), decayed to a floor and held there, over a
-    candidate softmax, stopping at exact recall.
+    candidate softmax, stopping at exact recall. Measurements behind them:
 
-    lr:            peak learning rate (AdamW). Memorising facts wants a far higher rate than the paper's 5e-5.
-    schedule:      "constant", "linear" or "cosine" decay after warmup_steps. Decaying (to zero, or to lr_floor)
-                   is what turns "almost memorised" into exact recall (measured: constant 5e-3 plateaus at 94%
-                   after 25 epochs of PhoneBook 1K; linear decay from 5e-3 reaches 100% at epoch 15).
-    epochs:        upper bound on passes over the examples (training stops at target_recall); with a decaying
-                   schedule also its horizon, unless decay_epochs.
-    decay_epochs:  epochs the schedule decays over (None: all of them); later epochs hold the rate at lr_floor.
-    lr_floor:      fraction of lr the decay ends at. Above 0, a run that is not exact when the decay ends goes
-                   on learning until the target recall or the last epoch (measured on PhoneBook 1K: decaying to
-                   0 over 10 epochs reached 100% for one shuffling seed of three; to 0.1 over 10, then holding,
-                   for all five tried, in 10-16 epochs).
-    max_steps:     optional hard cap on optimizer steps (overrides epochs when reached first).
-    batch_size:    examples per optimizer step.
-    seed:          seeds shuffling and LoRA initialisation.
-    loss_on:       "answer" (only the completion is supervised) or "all" (the whole text).
-    target_recall: stop once the share of examples whose answer is reproduced exactly (greedy, teacher
-                   forced) reaches this; None trains for all epochs.
-    clip_norm:     clip the gradient norm to this (None: no clipping); keeps high learning rates stable.
-    b_lr_ratio:    learning rate of the B factors relative to A (LoRA+, Hayou et al. 2024; 1 = plain LoRA).
-    candidates:    0: the loss normalises over the whole vocabulary. k > 0: over a candidate set only, the
-                   examples' own label tokens plus the base model's top k at each supervised position; the
-                   stopping check stays exact over the whole vocabulary and adds any token it finds beating an
-                   answer. Measured on SmolLM2-135M with PhoneBook answers (benchmarks/speed.py): a step takes
-                   0.45x the time with FFN modules of the last 4 layers, 0.63x with all projections of the last 8,
-                   0.94x on all 30 layers, where the 49K-word softmax is a small part. None (the default): 32 for
-                   the ntp objective, 0 for distill (which keeps the teacher's top k instead).
-    precision:     "auto" (bf16 autocast where the hardware has bf16 matmul, else fp32), "bf16", "fp32".
-    objective:     "ntp" (next-token loss on the examples, the paper's) or "distill" (context distillation, as in
-                   Knowledge Modules: match the base model that reads the module's documents in its prompt, on
-                   the same continuations; see train.distill.distill_loss).
-    distill_top_k: teacher tokens kept per position (the rest of its probability is one more bucket).
-    distill_temperature: softening of both distributions in the distillation loss.
-    distill_layers: also match the outputs of these decoder layers ("3,7"; "" none) by normalised L1 distance,
-                   weighted by distill_hidden_weight.
+    - lr: memorising facts wants a far higher rate than the paper's 5e-5.
+    - schedule: decaying (to zero, or to lr_floor) is what turns "almost memorised" into exact recall (constant 5e-3
+      plateaus at 94% after 25 epochs of PhoneBook 1K; linear decay from 5e-3 reaches 100% at epoch 15).
+    - lr_floor: on PhoneBook 1K, decaying to 0 over 10 epochs reached 100% for one shuffling seed of three; to 0.1
+      over 10, then holding, for all five tried, in 10-16 epochs.
+    - candidates: on SmolLM2-135M with PhoneBook answers (benchmarks/speed.py) a step takes 0.45x the time with FFN
+      modules of the last 4 layers, 0.63x with all projections of the last 8, 0.94x on all 30 layers, where the
+      49K-word softmax is a small part.
     """
 
-    lr: float = 1e-2
-    schedule: str = "linear"
-    warmup_steps: int = 0
-    epochs: int = 60
-    decay_epochs: int | None = 30
-    lr_floor: float = 0.1
-    max_steps: int | None = None
-    batch_size: int = 8
-    seed: int = 0
-    loss_on: str = "answer"
-    target_recall: float | None = 1.0
-    precision: str = "auto"
-    weight_decay: float = 0.0
-    clip_norm: float | None = 1.0
-    b_lr_ratio: float = 1.0
-    candidates: int | None = None
-    objective: str = "ntp"
-    distill_top_k: int = 32
-    distill_temperature: float = 1.0
-    distill_layers: str = ""
-    distill_hidden_weight: float = 1.0
+    lr: float = setting(1e-2, "peak learning rate (AdamW)")
+    schedule: str = setting("linear", "constant, linear or cosine decay after the warmup steps")
+    warmup_steps: int = setting(0, "optimizer steps of linear warmup")
+    epochs: int = setting(60, "upper bound on passes over the examples (training stops at the target recall); with a "
+                          "decaying schedule also its horizon, unless --decay-epochs")
+    decay_epochs: int | None = setting(30, "epochs the learning rate decays over (None: all); later epochs hold it at "
+                                       "the floor")
+    lr_floor: float = setting(0.1, "the decay ends at this fraction of lr and holds there until the target recall or "
+                              "the last epoch (0: decay to zero)")
+    max_steps: int | None = setting(None, "hard cap on optimizer steps (overrides epochs when reached first)")
+    batch_size: int = setting(8, "examples per optimizer step")
+    seed: int = setting(0, "seeds shuffling and LoRA initialisation (and the synthetic data's sampling)")
+    loss_on: str = setting("answer", "answer (only the completion is supervised) or all (the whole text)")
+    target_recall: float | None = setting(1.0, "stop once this share of the examples' answers is reproduced exactly "
+                                          "(greedy, teacher-forced; 0 or None: train all epochs)", zero_is_none=True)
+    precision: str = setting("auto", "auto (bf16 autocast where the hardware has bf16 matmul, else fp32), bf16 or "
+                             "fp32", cli=False)  # a run-level option: --precision sets LORAMEM_PRECISION
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    clip_norm: float | None = setting(1.0, "clip the gradient norm to this (None: no clipping); keeps high learning "
+                                      "rates stable")
+    b_lr_ratio: float = setting(1.0, "learning rate of the B factors relative to A (LoRA+; 1: plain LoRA)")
+    candidates: int | None = setting(None, "train on a softmax over the answers' tokens plus the base model's top K "
+                                     "at each answer position (0: the whole vocabulary; default 32, 0 with objective "
+                                     "distill); the stopping check stays exact over the whole vocabulary")
+    objective: str = setting("ntp", "ntp (next-token loss on the examples, the paper's) or distill (context "
+                             "distillation: match the base model that reads the module's documents in its prompt)")
+    distill_top_k: int = setting(32, "distill: teacher tokens kept per position (the rest is one more bucket)")
+    distill_temperature: float = setting(1.0, "distill: softening of both distributions")
+    distill_layers: str = setting("", "distill: also match these decoder layers' outputs (3,7) by normalised L1 "
+                                  "distance")
+    distill_hidden_weight: float = setting(1.0, "distill: weight of the layer-output term")
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -231,6 +287,37 @@ class TrainSpec:
             for key in ("objective", "distill_top_k", "distill_temperature", "distill_layers", "distill_hidden_weight"):
                 spec.pop(key)
         return spec
+
+
+@dataclass(frozen=True)
+class AskSpec:
+    """How a question is answered: which weights and context (the mode), which modules (router, top-k, threshold),
+    how they are combined (merge) and how long the answer may be. Which modules or context text to use for one
+    call, and the oracle's gold modules, are arguments of Memory.ask, not settings."""
+
+    mode: str = setting("lora", "base, icl, rag, lora, multi, or a module mode with context: lora+icl, lora+rag, "
+                        "multi+icl, multi+rag")
+    router: str = setting("dense", "dense, bm25 or hybrid (oracle: the gold modules given)")
+    top_k: int | None = setting(None, "modules merged (multi) and passages retrieved (rag); default 3, or all modules "
+                                "when fewer", ge=1)
+    merge: str = setting("ties", "multi: a weight merge (linear, cat, ties, dare_linear, dare_ties, magnitude_prune) or "
+                         "an output composition (mix, select)")
+    threshold: float | None = setting(None, "abstain (no module: the base weights answer) below this router score")
+    max_new_tokens: int = setting(24, "longest answer in tokens (memory answers are short)", ge=1)
+    batch_size: int = setting(16, "questions generated together", ge=1)
+
+    def __post_init__(self) -> None:
+        from loramem.answer import check_merge_method, parse_mode
+        from loramem.mix import COMPOSITIONS
+
+        parse_mode(self.mode)
+        if self.merge not in COMPOSITIONS:
+            check_merge_method(self.merge)  # its message names the weight merges
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise LoramemError("max_new_tokens and batch_size must be at least 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def cache_dir() -> Path:

@@ -160,12 +160,15 @@ def _worker_base(model: str) -> Base:
     return load_base(model)
 
 
-def make_executor(kind: str, address: str | None = None):
-    """The executor named on the command line; None means the memory's own in-process one."""
+def check_executor(kind: str, address: str | None = None) -> None:
+    """A clear error for an unknown executor, or a Ray address given without Ray."""
     if kind not in EXECUTORS:
         raise LoramemError(f"unknown executor {kind!r}: choose {' or '.join(EXECUTORS)}")
-    if kind == "inprocess":
-        if address:
-            raise LoramemError("--address needs --executor ray")
-        return None
-    return RayExecutor(address)
+    if address and kind != "ray":
+        raise LoramemError("--address needs --executor ray")
+
+
+def make_executor(kind: str, address: str | None = None):
+    """The executor named on the command line; None means the memory's own in-process one."""
+    check_executor(kind, address)
+    return None if kind == "inprocess" else RayExecutor(address)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from loramem.answer import (Answer, Caches, Timing, adapter_config, adapter_scale, generate, generate_composed,
                             modules_applied, parse_mode, read_adapter)
-from loramem.config import AUTO, LoraSpec, TrainSpec
+from loramem.config import AUTO, AskSpec, LoraSpec, TrainSpec
 from loramem.corpus import Document, chunk_text
 from loramem.errors import LoramemError
 from loramem.merge import lora_factors, low_rank
@@ -339,13 +339,14 @@ class Memory:
 
     # --- asking ------------------------------------------------------------------------------------------
 
-    def ask(self, question: str, mode: str = "lora", **kw) -> Answer:
-        return self.ask_many([question], mode, **kw)[0]
+    def ask(self, question: str, spec: AskSpec | None = None, **options) -> Answer:
+        """One question; see ask_many."""
+        return self.ask_many([question], spec, **options)[0]
 
-    def ask_many(self, questions: list[str], mode: str = "lora", module: str | list[str] | None = None, router: str = "dense",
-                 top_k: int | None = None, merge: str = "ties", gold: list[str] | None = None, threshold: float | None = None,
-                 context: str | None = None, max_new_tokens: int = 24, batch_size: int = 16) -> list[Answer]:
-        """Answer questions in batches, in one of answer.MODES.
+    def ask_many(self, questions: list[str], spec: AskSpec | None = None, module: str | list[str] | None = None,
+                 gold: list[str] | None = None, context: str | None = None, **settings) -> list[Answer]:
+        """Answer questions in batches, as `spec` (an AskSpec; its defaults when None) says, with any of its fields
+        given by keyword instead (`mode="multi", top_k=2`).
 
         The weights: `base`, `lora` (one module: `module`, the only one, or the router's top 1) or `multi` (the
         modules listed in `module`, or the router's top_k, merged by `merge`; top_k defaults to 3, or all modules
@@ -353,6 +354,9 @@ class Memory:
         (the top_k passages retrieved by `router`). `gold` names each question's module for the
         oracle router; `threshold` makes the router abstain (answer with the base weights) below that score.
         """
+        spec = replace(spec or AskSpec(), **settings)
+        mode, router, top_k, merge, threshold = spec.mode, spec.router, spec.top_k, spec.merge, spec.threshold
+        max_new_tokens, batch_size = spec.max_new_tokens, spec.batch_size
         weights, extra = parse_mode(mode)
         if any(not q.strip() for q in questions):
             raise LoramemError("empty question")

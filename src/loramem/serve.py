@@ -32,22 +32,22 @@ from typing import Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loramem.answer import Answer, parse_mode
-from loramem.config import AUTO, LoraSpec, TrainSpec
+from loramem.config import AUTO, AskSpec, LoraSpec, TrainSpec, build_settings, group_help, option_fields
 from loramem.corpus import Document
 from loramem.errors import LoramemError
 from loramem.memory import Memory
 from loramem.store import MANIFEST
+from loramem.synth import SynthSpec, choose_generator
 
 log = logging.getLogger("loramem.serve")
 DEFAULT_MAX_BODY = 1_000_000  # bytes
-DEFAULT_MAX_TOKENS = 24  # Memory.ask's default: memory answers are short
 MAX_TOKENS_LIMIT = 1024
 DEFAULT_BATCH_WINDOW = 0.005  # seconds the batcher waits for another question before answering those it has
-DEFAULT_MAX_BATCH = 16  # questions per ask_many call (ask_many's own generation batch)
+DEFAULT_MAX_BATCH = AskSpec.batch_size  # questions per ask_many call (ask_many's own generation batch)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -98,7 +98,8 @@ class AskKey:
     """What questions must share to be answered in one ask_many call."""
 
     memory: str
-    options: tuple  # sorted (name, value) pairs of Memory.ask_many keyword arguments
+    spec: AskSpec
+    module: str | tuple[str, ...] | None = None
 
 
 @dataclass
@@ -254,16 +255,23 @@ class JobRunner:
 
 # --- request bodies -----------------------------------------------------------------------------------------
 
-class AskOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def settings_fields_of(classes, exclude: tuple[str, ...] = (), optional: bool = False) -> dict:
+    """Request fields from settings dataclasses (config.option_fields, as the command line's options), each with its
+    help as the description. `optional`: every field defaults to None (unset: the receiver's default)."""
+    plain, groups = option_fields(classes, exclude)
+    out = {f.name: (f.type | None if optional else f.type,
+                    Field(None if optional else f.default, description=f.help, ge=f.options.get("ge")))
+           for f in plain}
+    return out | {group: (str, Field("", description=group_help(members))) for group, members in groups.items()}
 
-    mode: str | None = None
-    context: Literal["none", "rag", "icl"] | None = None
-    router: str | None = None
-    top_k: int | None = Field(None, ge=1)
-    merge: str | None = None
-    module: str | list[str] | None = None
-    threshold: float | None = None
+
+FORBID = ConfigDict(extra="forbid")
+AskOptions = create_model(
+    "AskOptions", __config__=FORBID,
+    **settings_fields_of([AskSpec], exclude=("max_new_tokens", "batch_size"), optional=True),  # OpenAI's fields, the server's
+    context=(Literal["none", "rag", "icl"] | None, Field(None, description="sets the mode's context part")),
+    module=(str | list[str] | None, Field(None, description="module id or name, or several to merge")),
+)
 
 
 class Message(BaseModel):
@@ -293,27 +301,16 @@ class DocumentIn(BaseModel):
     title: str | None = None
 
 
-class DocumentsRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    documents: list[DocumentIn] = Field(min_length=1)
-    format: str = "qa"
-    questions: int = 40
-    summaries: int = 1
-    rewrites: int = 1
-    one_module: bool = False
-    generator: Literal["hf", "openai"] = "hf"  # openai: endpoint and key from $LORAMEM_OPENAI_BASE_URL/_API_KEY
-    generator_model: str | None = None
-    rank: int = LoraSpec.rank
-    alpha: float | None = None
-    targets: str = LoraSpec.targets
-    layers: str = LoraSpec.layers
-    lr: float = TrainSpec.lr
-    epochs: int = TrainSpec.epochs
-    batch_size: int = TrainSpec.batch_size
-    seed: int = 0
-    target_recall: float = 1.0  # 0: train all epochs
-    objective: Literal["ntp", "distill"] = "ntp"
+DocumentsRequest = create_model(
+    "DocumentsRequest", __config__=FORBID,
+    documents=(list[DocumentIn], Field(min_length=1)),
+    format=(str, Field("qa", description="synthetic data formats: original, qa, summary, rewrite or a mix (qa+summary)")),
+    one_module=(bool, Field(False, description="one module for all the documents")),
+    generator=(Literal["hf", "openai"], Field("hf", description="hf: the memory's own model; openai: the endpoint "
+                                                 "and key from $LORAMEM_OPENAI_BASE_URL/_API_KEY")),
+    generator_model=(str | None, None),
+    **settings_fields_of([SynthSpec, LoraSpec, TrainSpec]),
+)
 
 
 # --- the service: memories, options, answers ----------------------------------------------------------------
@@ -352,18 +349,17 @@ class Service:
         return {"id": name, "object": "model", "created": self.started, "owned_by": "loramem", "loramem": extra}
 
     def ask_key(self, request: ChatRequest) -> AskKey:
-        max_new_tokens = request.max_completion_tokens or request.max_tokens or DEFAULT_MAX_TOKENS
+        max_new_tokens = request.max_completion_tokens or request.max_tokens or AskSpec.max_new_tokens
         if request.model in self.bases and request.model not in self.memories:
             if request.loramem is not None:
                 raise ApiError(400, f"{request.model} is the base model: loramem options need a memory")
-            return AskKey(self.bases[request.model], (("max_new_tokens", max_new_tokens), ("mode", "base")))
+            return AskKey(self.bases[request.model], AskSpec(mode="base", max_new_tokens=max_new_tokens))
         memory = self.memory(request.model)
         options = request.loramem or AskOptions()
         module = tuple(options.module) if isinstance(options.module, list) else options.module
-        chosen = {"mode": self._mode(memory, options), "router": options.router, "top_k": options.top_k,
-                  "merge": options.merge, "module": module, "threshold": options.threshold,
-                  "max_new_tokens": max_new_tokens}
-        return AskKey(request.model, tuple(sorted((k, v) for k, v in chosen.items() if v is not None)))
+        given = {k: v for k, v in options.model_dump(exclude={"context", "module", "mode"}).items() if v is not None}
+        spec = AskSpec(mode=self._mode(memory, options), max_new_tokens=max_new_tokens, **given)
+        return AskKey(request.model, spec, module)
 
     @staticmethod
     def _mode(memory: Memory, options: AskOptions) -> str:
@@ -381,8 +377,7 @@ class Service:
     def _answer_group(self, key: AskKey, questions: list[str]) -> list[Reply]:
         """Runs in the batcher's thread, under the model lock (the tokenizer is not safe to share either)."""
         memory = self.memories[key.memory]
-        options = dict(key.options)
-        answers = memory.ask_many(questions, batch_size=self.max_batch, **options)
+        answers = memory.ask_many(questions, key.spec, module=key.module, batch_size=self.max_batch)
         names = {m.id: m.name for m in memory.modules()}
         # Usage as generation counted it: the whole prompt read (ICL or RAG context included) and the tokens written.
         return [Reply(a, [names.get(i, i) for i in a.modules], a.prompt_tokens, a.completion_tokens, len(questions))
@@ -393,28 +388,15 @@ class Service:
         documents = [Document.from_text(d.text, title=d.title) for d in request.documents]
         if any(not d.text.strip() for d in documents):
             raise ApiError(400, "a document has no text")
-        synth, generator = self._synthesis(memory, request)
-        lora = LoraSpec(rank=request.rank, alpha=request.alpha, targets=request.targets, layers=request.layers)
+        values = request.model_dump()
+        synth = build_settings(SynthSpec, values | {"formats": request.format})
+        lora, train_spec = build_settings(LoraSpec, values), build_settings(TrainSpec, values)
         if lora.layers != AUTO:
             lora.layer_indices(memory.base.num_layers)  # a bad layer range fails now, not in the job
-        train_spec = TrainSpec(lr=request.lr, epochs=request.epochs, batch_size=request.batch_size, seed=request.seed,
-                               target_recall=request.target_recall or None, objective=request.objective)
+        generator = choose_generator(request.generator, memory, request.generator_model, formats=synth.formats,
+                                     own_model_only=True)
         return self.jobs.submit(name, len(documents), lambda: memory.write_documents(
             documents, synth, generator, lora, train_spec, request.one_module, progress=False))
-
-    @staticmethod
-    def _synthesis(memory: Memory, request: DocumentsRequest):
-        from loramem.synth import HFGenerator, OpenAIGenerator, SynthSpec
-
-        synth = SynthSpec(formats=request.format, questions=request.questions, summaries=request.summaries,
-                          rewrites=request.rewrites, seed=request.seed)
-        if set(synth.formats) == {"original"}:
-            return synth, None
-        if request.generator == "openai":
-            return synth, OpenAIGenerator(model=request.generator_model)
-        if request.generator_model not in (None, memory.model_name):
-            raise ApiError(400, "the hf generator is the memory's own model; use generator openai for another")
-        return synth, HFGenerator(memory.base)
 
 
 # --- HTTP ---------------------------------------------------------------------------------------------------
@@ -508,7 +490,7 @@ def create_app(memories: dict[str, Memory], api_key: str | None = None, max_body
     async def chat_completions(request: ChatRequest):
         key = service.ask_key(request)
         reply: Reply = await asyncio.wrap_future(service.batcher.submit(key, _question(request)))
-        completion = _completion(request.model, reply, dict(key.options)["max_new_tokens"])
+        completion = _completion(request.model, reply, key.spec.max_new_tokens)
         if not request.stream:
             return completion
         include_usage = bool((request.stream_options or {}).get("include_usage"))

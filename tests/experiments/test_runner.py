@@ -34,7 +34,7 @@ def test_cell_row_measures_the_module_it_wrote(tiny, no_paper_data):
     assert row["trainable_params"] == 2 * 3 * 4 * (64 + 128) == 4608
     lines = [item.line for item in phonebook.load("0.1K")]
     assert row["data_tokens"] == sum(len(tiny.tokenizer(line, add_special_tokens=False).input_ids) for line in lines)
-    assert row["bits_per_param"] == pytest.approx(row["score"] * 5 * runner.BITS_PER_NUMBER / row["trainable_params"])
+    assert row["bits_per_param"] == pytest.approx(row["score"] * 5 * phonebook.BITS_PER_NUMBER / row["trainable_params"])
 
 
 def test_study_appends_rows_and_a_rerun_resumes(tiny, tmp_path, monkeypatch, no_paper_data):

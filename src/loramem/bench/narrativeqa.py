@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from loramem.bench import seconds, sibling_memory, without_leaks
+from loramem.bench import Benchmark, register, seconds, sibling_memory, without_leaks
 from loramem.config import LoraSpec, TrainSpec
 from loramem.config import data_dir as resolve_data_dir
 from loramem.corpus import Document, chunk_text
@@ -91,3 +91,18 @@ def run(memory, stories: list[Story], fmt: str, synth_spec, generator, lora: Lor
     return {"stories": len(stories), "questions": len(questions), "per": per, "modules": len(memory.modules()),
             "no_data": no_data,
             "format": fmt, "rank": lora.rank, "rows": rows}
+
+
+def _score_module(memory, stories: list[Story], module, precision: str = "auto") -> dict:
+    """The registered score: every story's questions asked of `module`, ROUGE-L (max over the references)."""
+    answers = memory.ask_many([q for s in stories for q, _ in s.questions],
+                              mode="lora" if isinstance(module, str) else "multi", module=module,
+                              max_new_tokens=MAX_NEW_TOKENS)
+    references = [refs for s in stories for _, refs in s.questions]
+    rouge = mean(rouge_l(a.text, refs) for a, refs in zip(answers, references))
+    return {"score": rouge, "rouge_l": rouge}
+
+
+register(Benchmark("narrativeqa", "documents", lambda selection=None, data_dir=None: load(data_dir, selection),
+                   lambda stories: [s.document() for s in stories],
+                   lambda stories: [q for s in stories for q, _ in s.questions], _score_module, run))

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from loramem.bench import seconds, sibling_memory, without_leaks
+from loramem.bench import Benchmark, register, seconds, sibling_memory, without_leaks
 from loramem.bench.judge import Judge
 from loramem.config import LoraSpec, TrainSpec
 from loramem.config import data_dir as resolve_data_dir
@@ -203,3 +203,18 @@ def _single_module_row(memory, papers, fmt, written, lora, train_spec, questions
                              max_new_tokens=MAX_NEW_TOKENS)
     return ({"setting": f"single module (rank {lora.rank}) on all papers"}
             | score([a.text for a in answers], questions, judge) | seconds(answers))
+
+
+def _score_module(memory, papers: list[Paper], module, precision: str = "auto") -> dict:
+    """The registered score: each paper's questions asked of `module`, ROUGE-L the headline."""
+    answers = [a for p in papers for a in _ask_paper(memory, p, "lora" if isinstance(module, str) else "multi", module)]
+    scores = score(answers, [q for p in papers for q in p.questions])
+    return scores | {"score": scores["rouge_l"]}
+
+
+register(Benchmark("paperqa", "documents", lambda selection=None, data_dir=None: load(data_dir, selection),
+                   lambda papers: [p.document() for p in papers],
+                   lambda papers: [q.question for p in papers for q in p.questions], _score_module, run))
+register(Benchmark("paperqa-multi", "documents", lambda selection=None, data_dir=None: load(data_dir, selection),
+                   lambda papers: [p.document() for p in papers],
+                   lambda papers: [q.question for p in papers for q in p.questions], _score_module, run_routing))

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from loramem.bench import sibling_memory
+from loramem.bench import Benchmark, register, sibling_memory
 from loramem.config import LoraSpec, TrainSpec
 from loramem.config import data_dir as resolve_data_dir
 from loramem.errors import LoramemError
@@ -192,3 +192,40 @@ def run_sectors(memory, source: str = "128K", sector_size: str = "8K", count: in
             "rank": rank, "layers": lora.layers, "targets": lora.targets, "rows": rows, "routing": routing,
             "train_seconds": {"sectors": sum(m.train_seconds or 0 for m in modules),
                               "single": single.train_seconds}}
+
+
+def demo(memory, entries: list[Entry], lora: LoraSpec, questions: int = 10, on_written=lambda record, seconds: None
+         ) -> dict:
+    """`loramem demo`: write the entries into one module, then score base, module and ICL on an even sample of
+    `questions` of them; `on_written(record, seconds)` once the module is committed."""
+    import time
+
+    start = time.perf_counter()
+    record = memory.write(examples(entries), lora=lora, name="phonebook-1K")
+    on_written(record, time.perf_counter() - start)
+    asked = entries[:: max(1, len(entries) // questions)][:questions]
+    rows = []
+    for mode in ("base", "lora", "icl"):
+        score, seconds = evaluate(memory, asked, mode=mode)
+        rows.append({"mode": mode, "exact_match": score, "seconds_per_question": seconds})
+    return {"record": record, "asked": asked, "rows": rows, "sample": memory.ask(asked[0].question).text}
+
+
+def score(memory, entries: list[Entry], module, precision: str = "auto") -> dict:
+    """Exact match of each number read teacher-forced through `module` (what greedy decoding produces)."""
+    exact = sum(s.exact for s in memory.score(examples(entries), module, precision=precision)) / len(entries)
+    return {"score": exact, "exact_match": exact}
+
+
+def _questions(entries: list[Entry]) -> list[str]:
+    return [e.question for e in entries]
+
+
+def _load(selection: str | None = None, data_dir: str | Path | None = None) -> list[Entry]:
+    return load(selection or "1K", data_dir)
+
+
+register(Benchmark("phonebook", "facts", _load, examples, _questions, score, run, bits_per_item=BITS_PER_NUMBER,
+                   in_studies=True))
+register(Benchmark("sectors", "facts", lambda selection=None, data_dir=None: load(selection or "128K", data_dir),
+                   examples, _questions, score, run_sectors, bits_per_item=BITS_PER_NUMBER))

@@ -22,10 +22,8 @@ from pathlib import Path
 
 from loramem.bench.phonebook import parse_size
 from loramem.config import LoraSpec, TrainSpec
-from loramem.errors import LoramemError
 from loramem.precision import hardware
 
-DATASETS = ("phonebook", "counterfact")
 
 
 @dataclass(frozen=True)
@@ -40,8 +38,9 @@ class Cell:
     prompt: str = "plain"  # the memory's prompt style (the paper asks PhoneBook through the chat template)
 
     def __post_init__(self) -> None:
-        if self.dataset not in DATASETS:
-            raise LoramemError(f"unknown dataset {self.dataset!r}; choose {' or '.join(DATASETS)}")
+        from loramem.bench import get
+
+        get(self.dataset, in_studies=True)  # a clear error for an unknown one
 
     def to_dict(self) -> dict:
         return {"dataset": self.dataset, "size": self.size, "model": self.model, "prompt": self.prompt,
@@ -56,31 +55,24 @@ class Cell:
         return next((v for v in ("dora", "pissa", "rslora") if getattr(self.lora, v)), "lora")
 
 
-BITS_PER_NUMBER = 33.219280948873624  # log2(10**10): one 10-digit phone number
-
-
 def run_cell(cell: Cell, base=None, data_dir: str | Path | None = None, workdir: str | Path | None = None) -> dict:
     """Write the cell's data into one module of a fresh memory, score it and return the result row."""
-    from loramem.bench import counterfact, phonebook
+    from loramem.bench import get
     from loramem.memory import Memory
 
-    bench = phonebook if cell.dataset == "phonebook" else counterfact
+    bench = get(cell.dataset, in_studies=True)
     items = bench.load(cell.size, data_dir)
     with tempfile.TemporaryDirectory(prefix="loramem-cell-", dir=workdir) as tmp:
         memory = Memory.open(Path(tmp) / "memory", model=cell.model, create=True, base=base, prompt=cell.prompt)
         started = time.perf_counter()
-        record = memory.write(bench.examples(items), cell.lora, cell.train, name=f"{cell.dataset}-{cell.size}",
+        record = memory.write(bench.to_write(items), cell.lora, cell.train, name=f"{cell.dataset}-{cell.size}",
                               progress=False)
         tokenizer = memory.base.tokenizer
         data_tokens = sum(len(tokenizer(item.line, add_special_tokens=False).input_ids) for item in items)
-        if cell.dataset == "phonebook":
-            exact = sum(s.exact for s in memory.score(phonebook.examples(items), record.id,
-                                                      precision=cell.train.precision))
-            scores = {"score": exact / len(items), "exact_match": exact / len(items),
-                      "bits_per_param": exact * BITS_PER_NUMBER / record.trainable_params}
-        else:
-            scores = counterfact.score(memory, items, record.id)
-            scores["score"] = scores["efficacy"]
+        scores = bench.score(memory, items, record.id, precision=cell.train.precision)
+        if bench.bits_per_item:  # the items stored exactly, in bits, per trainable parameter
+            stored = round(scores["score"] * len(items))
+            scores["bits_per_param"] = stored * bench.bits_per_item / record.trainable_params
         return {"key": cell.key, **cell.to_dict(), "rank": cell.lora.rank, "targets": cell.lora.targets,
                 "layers": cell.lora.layers, "variant": cell.variant,
                 "base_sha256": memory.base.fingerprint["weights_sha256"][:16], "items": len(items), "data_tokens": data_tokens,
@@ -126,6 +118,9 @@ def run_study(name: str, cells: list[Cell], out: str | Path, executor: str = "in
     in cell order. Rows measured by another study in `out` are copied, not re-run. With a `floor`, a cell is skipped
     when a smaller size of the same spec scored below it (a curve that has fallen does not rise again in the
     paper's data, and T_max does not depend on it); a later run with floor 0 fills such cells in."""
+    from loramem.executor import check_executor
+
+    check_executor(executor, address)  # before the results folder is made
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.jsonl"

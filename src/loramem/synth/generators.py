@@ -174,3 +174,24 @@ class OpenAIGenerator:
 def _snippet(value: object, limit: int = 200) -> str:
     text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
     return " ".join(text.split())[:limit]
+
+
+GENERATORS = ("hf", "openai")
+
+
+def choose_generator(kind: str, memory, model: str | None = None, base_url: str | None = None,
+                     formats=(), own_model_only: bool = False):
+    """The synthetic-data generator of a write into `memory`: None when the formats need none (only `original`),
+    a local chat model (`hf`: by default the memory's own; another one unless `own_model_only`, as the server,
+    which holds one model per base, asks) or an OpenAI-compatible endpoint (`openai`)."""
+    if kind not in GENERATORS:
+        raise LoramemError(f"unknown generator {kind!r}: choose {' or '.join(GENERATORS)}")
+    if formats and set(formats) == {"original"}:
+        return None
+    if kind == "openai":
+        return OpenAIGenerator(base_url=base_url, model=model)
+    if model is None or model == memory.model_name:
+        return HFGenerator(memory.base)
+    if own_model_only:
+        raise LoramemError("the hf generator is the memory's own model; use generator openai for another")
+    return HFGenerator(model)

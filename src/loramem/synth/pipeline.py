@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from typing import TypeVar
 
+from loramem.config import setting
 from loramem.corpus import Chunk, Document, chunk_text, content_id
 from loramem.errors import LoramemError
 from loramem.synth import cache as disk
@@ -57,34 +58,22 @@ JSON_TOKENS_PER_PAIR = 64
 
 @dataclass
 class SynthSpec:
-    """What to generate for each document.
+    """What to generate for each document (the training data a module is written from)."""
 
-    formats:        kinds of data, a tuple or "+"-joined ("original+qa"); see formats.FORMATS.
-    questions:      QA pairs asked per document, shared evenly among its chunks.
-    summaries, rewrites: how many of each per chunk (a document of at most chunk_tokens tokens is one
-                    chunk), so that together they cover the whole text.
-    refine_rounds:  extra QA rounds asking for questions not covered yet, while fewer than `questions`
-                    usable pairs were obtained.
-    chunk_tokens:   longest text put in one prompt, in generator tokens.
-    original_tokens: longest `original` example text, in tokens of the tokenizer passed to synthesize.
-    seed:           sampling seed; with the same seed the same generator gives the same data.
-    min_support:    share of a QA answer's own content words, and of its question's, that must appear in
-                    the source text (see parse.usable).
-    max_retries:    times a reply that cannot be parsed is asked again before it counts as malformed.
-    temperature:    sampling temperature (0: greedy).
-    """
-
-    formats: tuple[str, ...] | str = ("qa",)
-    questions: int = 40
-    summaries: int = 1
-    rewrites: int = 1
-    refine_rounds: int = 1
-    chunk_tokens: int = 768
-    original_tokens: int = 1024
-    seed: int = 0
-    min_support: float = 0.5
-    max_retries: int = 2
-    temperature: float = 0.5
+    formats: tuple[str, ...] | str = setting(("qa",), "kinds of data, a tuple or +-joined (original+qa); see "
+                                             "formats.FORMATS", cli=False)  # the commands' --format
+    questions: int = setting(40, "synthetic QA pairs asked for per document, shared evenly among its chunks")
+    summaries: int = setting(1, "summaries per chunk (a document of at most chunk_tokens tokens is one chunk)")
+    rewrites: int = setting(1, "rewrites per chunk")
+    refine_rounds: int = setting(1, "extra QA rounds asking for questions not covered yet, while fewer usable pairs "
+                                 "than asked were obtained")
+    chunk_tokens: int = setting(768, "longest text put in one generator prompt, in generator tokens")
+    original_tokens: int = setting(1024, "longest original example text, in tokens of the memory's tokenizer")
+    seed: int = setting(0, "sampling seed; with the same seed the same generator gives the same data")
+    min_support: float = setting(0.5, "share of a QA answer's own content words, and of its question's, that must "
+                                 "appear in the source text (see parse.usable)")
+    max_retries: int = setting(2, "times a reply that cannot be parsed is asked again before it counts as malformed")
+    temperature: float = setting(0.5, "generator sampling temperature (0: greedy)")
 
     def __post_init__(self) -> None:
         self.formats = parse_formats(self.formats)

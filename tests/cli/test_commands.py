@@ -1,20 +1,12 @@
 """The command line, run as a user runs it: a subprocess, its output and exit code."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from command_line import loramem
 from sample_facts import linear_to_zero_flags
 
 FACTS = "Question: What is the phone number of Ann Lee? Answer: 603-556-7631\n"
-
-
-def loramem(*args, cwd=None):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", "loramem.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=300)
 
 
 @pytest.fixture(scope="module")

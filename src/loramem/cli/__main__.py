@@ -1,0 +1,5 @@
+"""`python -m loramem.cli`, as the console script `loramem`."""
+
+from loramem.cli import main
+
+main()

@@ -1,0 +1,62 @@
+"""The write path from files, as `loramem write` (and any script) runs it: facts files or a PhoneBook into one
+module or capacity-sized shards, documents and folders through synthetic data into a module each."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from loramem.config import LoraSpec, TrainSpec
+from loramem.errors import LoramemError
+
+
+def module_row(record) -> dict:
+    """What a write reports of each module it committed."""
+    return {"module": record.id, "name": record.name, "facts": record.n_examples, "layers": record.lora_spec["layers"],
+            "recall": record.recall, "train_seconds": record.train_seconds, "trainable_params": record.trainable_params}
+
+
+def write_facts(memory, examples, lora: LoraSpec, train_spec: TrainSpec, name: str | None = None,
+                shard_tokens: int = 0, executor=None) -> list[dict]:
+    """One module of all the examples, or one per `shard_tokens` tokens of them (Memory.write_shards); a row each."""
+    if shard_tokens:
+        return [module_row(r) for r in memory.write_shards(examples, shard_tokens, lora, train_spec,
+                                                           name=name or "shard", executor=executor)]
+    return [module_row(memory.write(examples, lora=lora, train_spec=train_spec, name=name, executor=executor))]
+
+
+def write_documents(path: Path, files: list[Path], synth, lora: LoraSpec, train_spec: TrainSpec, *,
+                    model: str | None = None, prompt: str | None = None, generator: str = "hf",
+                    generator_model: str | None = None, base_url: str | None = None, one_module: bool = False,
+                    strict: bool = False, executor=None, progress: bool = True,
+                    on_skip: Callable[[str, str], None] = lambda where, reason: None,
+                    on_module: Callable[[int, int, object], None] = lambda i, total, record: None) -> dict:
+    """Read documents and folders (unreadable or empty ones skipped, reported to `on_skip`, unless `strict`), then
+    write a module per document (or one for all) into the memory at `path`; `on_module(i, total, record)` as each
+    is committed. Nothing is written when no document is readable or the generator gives no usable data."""
+    from loramem.corpus import read_documents
+    from loramem.memory import Memory
+    from loramem.synth import GENERATORS, choose_generator
+
+    if generator not in GENERATORS:  # before reading anything
+        raise LoramemError(f"unknown generator {generator!r}: choose {' or '.join(GENERATORS)}")
+    docs, skipped = read_documents(files, strict=strict)
+    for where, reason in skipped:
+        on_skip(where, reason)
+    if not docs:
+        raise LoramemError(f"no readable documents in {', '.join(map(str, files))} ({len(skipped)} skipped)")
+    memory = Memory.open(path, model=model, create=True, prompt=prompt)
+    gen = choose_generator(generator, memory, generator_model, base_url, synth.formats)
+    rows, empty = [], 0
+    total = 1 if one_module else len(docs)
+    for i, (record, reports) in enumerate(memory.write_documents(docs, synth, gen, lora, train_spec, one_module,
+                                                                 progress=progress, executor=executor), 1):
+        if record is None:
+            empty += 1
+            continue
+        rows.append(module_row(record) | {"usable": sum(sum(r.produced.values()) for r in reports),
+                                          "asked": sum(sum(r.asked.values()) for r in reports)})
+        on_module(i, total, record)
+    if not rows:
+        raise LoramemError("the generator gave no usable training data for any document; nothing written")
+    return {"memory": str(path), "documents": len(docs), "skipped": len(skipped), "no_data": empty, "modules": rows}
