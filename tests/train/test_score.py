@@ -21,6 +21,6 @@ def test_exact_check_names_the_wrong_examples_and_the_tokens_that_beat_answers(t
         recalled, intruders = exact_check(model, tiny.tokenizer, encoded)
         batch = pack(encoded)
         predicted = supervised_logits(model, batch).argmax(-1)
-    wrong = (predicted != batch.labels) & batch.label_is_answer
+    wrong = (predicted != batch.labels) & batch.label_is_recalled  # the answers and their EOS
     assert recalled.tolist() == [False] * len(EXAMPLES)
     assert intruders == set(predicted[wrong].tolist()) and intruders

@@ -24,18 +24,22 @@ def _options(verbose: bool = typer.Option(False, "--verbose", "-v", help="log pr
         logging.getLogger("loramem").setLevel(logging.INFO)
 
 
-# Commands that only read and print, done: the process may end without the interpreter's teardown, which takes
-# ~0.6 s of a 2 s `loramem ask` on a 2-core CPU (freeing torch's and transformers' modules one by one).
+# Commands that only read and print, done: the console script's process may end without the interpreter's
+# teardown, which takes ~0.6 s of a 2 s `loramem ask` on a 2-core CPU (freeing torch's modules one by one).
 skip_teardown: list[str] = []
 
 
-def _exit_at_once() -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 from loramem.cli import write, serve, bench, exp  # noqa: E402, F401, I001  (the commands register on app, in this order)
+
+
+def run() -> None:
+    """The console script `loramem` (and `python -m loramem.cli`): `main`, then, after a command that only read
+    and printed, the end of the process at once. (`main` itself returns, for callers in the same process.)"""
+    main()
+    if skip_teardown:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def main() -> None:
@@ -46,8 +50,6 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         app(standalone_mode=False)
-        if skip_teardown:
-            _exit_at_once()
     except LoramemError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -1,5 +1,5 @@
 """`python -m loramem.cli`, as the console script `loramem`."""
 
-from loramem.cli import main
+from loramem.cli import run
 
-main()
+run()

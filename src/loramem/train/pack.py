@@ -50,7 +50,8 @@ class Batch:
     label_index: torch.Tensor  # (K,) flat positions in rows*T whose next token is a label
     labels: torch.Tensor  # (K,)
     label_example: torch.Tensor  # (K,) which example of the batch each label belongs to
-    label_is_answer: torch.Tensor  # (K,) True for answer tokens (counted in recall; EOS is not)
+    label_is_answer: torch.Tensor  # (K,) True for answer tokens (Scored reads these)
+    label_is_recalled: torch.Tensor  # (K,) the answer tokens and the EOS that closes the answer (counted in recall)
     n_examples: int
     n_tokens: int
     spans: list[tuple[int, int, int]]  # per example: (row, start, length) of its own tokens
@@ -96,7 +97,8 @@ def pack(encoded: list[Encoded], loss_on: str = "answer", row_tokens: int = ROW_
     segment = torch.full((len(rows), width), -1, dtype=torch.long)
     cached = encoded[0].hidden is not None
     hidden = torch.zeros((len(rows), width, encoded[0].hidden.shape[-1]), dtype=encoded[0].hidden.dtype) if cached else None
-    label_index, labels, label_example, label_is_answer, spans = [], [], [], [], [None] * len(encoded)
+    label_index, labels, label_example, label_is_answer, recalled = [], [], [], [], []
+    spans = [None] * len(encoded)
     for r, row in enumerate(rows):
         ids[r, :prefix] = torch.tensor(head, dtype=torch.long)
         if cached:
@@ -119,6 +121,7 @@ def pack(encoded: list[Encoded], loss_on: str = "answer", row_tokens: int = ROW_
                 labels.append(e.ids[j])
                 label_example.append(i)
                 label_is_answer.append(e.n_prompt <= j < e.n_prompt + e.n_answer)
+                recalled.append(e.n_prompt <= j <= e.n_prompt + e.n_answer)  # the EOS too: an answer must stop
             offset += n
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     q, k = segment[:, :, None], segment[:, None, :]
@@ -129,5 +132,6 @@ def pack(encoded: list[Encoded], loss_on: str = "answer", row_tokens: int = ROW_
         ids, pos, mask,
         torch.tensor(label_index, dtype=torch.long), torch.tensor(labels, dtype=torch.long),
         torch.tensor(label_example, dtype=torch.long), torch.tensor(label_is_answer, dtype=torch.bool),
+        torch.tensor(recalled, dtype=torch.bool),
         len(encoded), int((segment != -1).sum()), spans, hidden, encoded[0].hidden_layer if cached else 0,
     )
