@@ -5,6 +5,9 @@ those full deltas, not on A and B separately, because B1 @ A1 + B2 @ A2 is not (
 averaging factors does not average what the modules do. A module's deltas are a dict from base weight
 name ("model.layers.0.self_attn.q_proj.weight") to dW in fp32.
 
+(Over 400 lines: the methods, the exact apply/revert of merged weights and the factor paths (fused, low rank)
+share one representation of deltas and factors.)
+
 Every method has mergekit's shape, `method(deltas, weights, **params) -> deltas`; `merge()` picks one by
 name. A result is added to a base model and removed again bit for bit (`applied`), or compressed back
 into LoRA factors (`to_low_rank`). `MergeCache` keeps the last few merges.

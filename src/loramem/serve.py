@@ -10,6 +10,8 @@ Every memory shares its base model object with the others of the same base and w
 merges modules into the weights in place, so all model work takes one lock: answers run in one thread (the
 micro-batcher, which answers concurrent questions with the same options in one ask_many call), jobs in
 another, advancing one module at a time so that questions are answered between a job's modules.
+(Over 400 lines: the app, its request models, the micro-batcher and the job runner share that one lock and the
+memories' registry; split apart they would pass both through every call.)
 """
 
 from __future__ import annotations
