@@ -432,13 +432,22 @@ def fused(model: torch.nn.Module, factors: Factors | LowRank) -> Iterator[torch.
     front, at two small matmuls per adapted layer and step. Several modules' factors concatenated
     (`cat_factors`) are their linear merge, exactly. `factors` may come prepared (`low_rank`)."""
     prepared = factors if isinstance(factors, LowRank) else low_rank(model, factors)
-    replaced = []  # (layer, its own forward attribute if it had one, e.g. from accelerate)
-    try:
-        for layer, a_t, b_t in prepared.terms:
-            own = layer.__dict__.get("forward")
-            layer.forward = _WithLowRank(layer.forward, a_t, b_t)
-            replaced.append((layer, own))
+    with forwards_wrapped((layer, lambda forward, a_t=a_t, b_t=b_t: _WithLowRank(forward, a_t, b_t))
+                          for layer, a_t, b_t in prepared.terms):
         yield model
+
+
+@contextlib.contextmanager
+def forwards_wrapped(wrappers):
+    """Run a block with each (layer, wrap) pair's layer computing through wrap(its current forward), restored after
+    (a forward attribute the layer had of its own, e.g. from accelerate, is put back)."""
+    replaced = []
+    try:
+        for layer, wrap in wrappers:
+            own = layer.__dict__.get("forward")
+            layer.forward = wrap(layer.forward)
+            replaced.append((layer, own))
+        yield
     finally:
         for layer, own in reversed(replaced):
             if own is None:

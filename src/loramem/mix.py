@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from loramem.errors import LoramemError
-from loramem.merge import LowRank, _WithLowRank
+from loramem.merge import LowRank, _WithLowRank, forwards_wrapped
 
 COMPOSITIONS = ("mix", "select")
 
@@ -54,19 +54,9 @@ def rows_applied(model: torch.nn.Module, row_modules: list[LowRank | None]):
         rows = torch.tensor([i for i, m in enumerate(row_modules) if m is prepared])
         for layer, a_t, b_t in prepared.terms:
             by_layer.setdefault(id(layer), (layer, []))[1].append((rows.to(a_t.device), a_t, b_t))
-    replaced = []
-    try:
-        for layer, terms in by_layer.values():
-            own = layer.__dict__.get("forward")
-            layer.forward = _RowsLowRank(layer.forward, terms)
-            replaced.append((layer, own))
+    with forwards_wrapped((layer, lambda forward, terms=terms: _RowsLowRank(forward, terms))
+                          for layer, terms in by_layer.values()):
         yield model
-    finally:
-        for layer, own in reversed(replaced):
-            if own is None:
-                del layer.forward
-            else:
-                layer.forward = own
 
 
 @dataclass
