@@ -41,13 +41,16 @@ class TrainJob:
     model: str  # registry name or path, resolved on the machine that trains
     fingerprint: dict  # of the driver's base model: a worker with other weights refuses the job
     context: str = ""  # the module's documents, read by the teacher of the distill objective
+    # Per example, the whole prompt the distill teacher reads before the answer (the question asked with the documents
+    # in the prompt, as ICL asks it); None or absent: the documents put before the student's prompt.
+    teacher_prompts: tuple[str | None, ...] = ()
 
 
 def train_module(base: Base, job: TrainJob, staging: Staging, progress: bool = True) -> tuple[Path, TrainStats]:
     """Train one module on `base` and save it as a PEFT adapter in a folder from `staging`."""
     with attached(base.model, job.lora, seed=job.train_spec.seed) as peft_model:
         stats = train(peft_model, base.tokenizer, job.examples, job.train_spec, progress=progress,
-                      context=job.context or None)
+                      context=job.context or None, teacher_prompts=job.teacher_prompts or None)
         folder = staging()  # asked for only now: a failed training leaves no memory behind
         save_adapter(peft_model, folder)
     return folder, stats

@@ -174,14 +174,28 @@ class Memory:
         digest = data_hash(examples)
         trained_on = [render_example(base.tokenizer, e, self.prompt) for e in examples]  # stored plain, trained styled
         lora = self._placed(lora, trained_on, train_spec)
+        distill = train_spec.objective == "distill"
+        teacher_prompts = self._teacher_prompts(examples, documents) if distill else ()
         module_id = hashlib.sha256(json.dumps(
             [digest, [d.id for d in documents], lora.to_dict(), train_spec.to_dict(),
-             base.fingerprint["weights_sha256"]] + ([self.prompt] if self.prompt != "plain" else []), sort_keys=True,
+             base.fingerprint["weights_sha256"]] + ([self.prompt] if self.prompt != "plain" else [])
+            + (["teacher-in-prompt"] if teacher_prompts else []), sort_keys=True,
         ).encode()).hexdigest()[:16]
-        context = documents_context(documents) if train_spec.objective == "distill" else ""
-        if train_spec.objective == "distill" and not context:
+        context = documents_context(documents) if distill else ""
+        if distill and not context:
             raise LoramemError("the distill objective needs documents (the teacher reads them); facts have none")
-        return TrainJob(module_id, trained_on, lora, train_spec, self.model_name, base.fingerprint, context), digest
+        job = TrainJob(module_id, trained_on, lora, train_spec, self.model_name, base.fingerprint, context,
+                       teacher_prompts)
+        return job, digest
+
+    def _teacher_prompts(self, examples: list[Example], documents) -> tuple[str | None, ...]:
+        """With a chat template, the distill teacher reads each question as ICL asks it, the documents inside the
+        user turn (train.distill.teacher_targets); plain prompts put them first either way, so they keep the shared
+        prefix."""
+        if self.prompt == "plain" or not documents:
+            return ()
+        context = documents_context(documents)
+        return tuple(self._prompt(e.prompt, context) if e.prompt.startswith("Question:") else None for e in examples)
 
     def _placed(self, lora: LoraSpec, examples: list[Example], train_spec: TrainSpec) -> LoraSpec:
         """The spec with layers "auto" resolved from what the base model does not know of these examples."""
@@ -249,7 +263,8 @@ class Memory:
     def write_documents(self, documents: list[Document], synth=None, generator=None, lora: LoraSpec | None = None,
                         train_spec: TrainSpec | None = None, one_module: bool = False, progress: bool = True,
                         executor=None):
-        """Turn documents into synthetic training data (`synth`, a SynthSpec) and write one module per document,
+        """Turn documents into synthetic training data (`synth`, a SynthSpec, or a synth.selfstudy.SelfStudySpec:
+        prompts answered by this memory's model reading the document) and write one module per document,
         or one for all with `one_module`. Yields (record, reports) as each module is committed.
 
         A document that yields no usable data is reported with record None. Resumable: generated data is cached
@@ -268,11 +283,15 @@ class Memory:
     def _synthesized(self, documents, synth, generator, one_module):
         """(examples, name, documents, reports) per module to write, generated as they are asked for."""
         from loramem.synth import synthesize
+        from loramem.synth.selfstudy import SelfStudySpec, self_study
 
         for group in [documents] if one_module else [[d] for d in documents]:
             examples, reports = [], []
             for doc in group:
-                made, report = synthesize(doc, synth, generator, tokenizer=self.base.tokenizer)
+                if isinstance(synth, SelfStudySpec):  # answered by this memory's model reading the document
+                    made, report = self_study(doc, synth, generator, self.base, self.prompt)
+                else:
+                    made, report = synthesize(doc, synth, generator, tokenizer=self.base.tokenizer)
                 examples += made
                 reports.append(report)
             name = (group[0].title or group[0].id) if len(group) == 1 else f"documents-{len(group)}"

@@ -204,6 +204,22 @@ class Store:
         finally:
             db.close()
 
+    def update_stats(self, module_id: str, extra: dict) -> None:
+        """Merge `extra` into a committed module's stats (nested dicts merged one level deep), in one transaction."""
+        db = self._connect()
+        try:
+            with db:
+                row = db.execute("SELECT stats FROM modules WHERE id = ?", (module_id,)).fetchone()
+                if row is None:
+                    raise LoramemError(f"no module {module_id!r} in {self.path}")
+                stats = json.loads(row[0])
+                for key, value in extra.items():
+                    merged = stats.get(key)
+                    stats[key] = merged | value if isinstance(merged, dict) and isinstance(value, dict) else value
+                db.execute("UPDATE modules SET stats = ? WHERE id = ?", (json.dumps(stats), module_id))
+        finally:
+            db.close()
+
     def sweep(self) -> None:
         """Writers only: remove what crashed writes left: staging folders and module folders with no manifest row."""
         shutil.rmtree(self.path / "tmp", ignore_errors=True)

@@ -59,13 +59,17 @@ def distill_loss(student_logits: torch.Tensor, index: torch.Tensor, teacher_logp
 
 @torch.no_grad()
 def teacher_targets(model, tokenizer, encoded: list[Encoded], context: str, spec: TrainSpec,
-                    max_labels: int = 2048) -> None:
+                    max_labels: int = 2048, teacher_prompts: list[str | None] | None = None) -> None:
     """Compute once, before training, what the base model with `context` in its prompt predicts at each of the
     examples' labelled positions (the adapter disabled), and keep it on the examples.
 
     The teacher reads the context followed by exactly the student's tokens, so its positions line up with the
     student's. Packing puts the context in each row once as a shared prefix that every example attends to;
     examples go in groups of at most `max_labels` labels, which bounds the vocabulary-wide logits in memory.
+    `teacher_prompts[i]`, when given (and loss_on is "answer"), is instead the whole prompt the teacher reads before
+    example i's answer tokens: with a chat template the documents belong inside the user turn, as ICL asks, and the
+    teacher that reads them there predicts its own answers far better (measured: mean log-probability -0.70 per
+    token against -1.27 with the documents before the template, PaperQA paper 0).
     """
     bos = tokenizer("").input_ids  # the examples start with it when the tokenizer adds one
     window = getattr(causal_lm(model).config, "max_position_embeddings", 1 << 30)
@@ -74,10 +78,18 @@ def teacher_targets(model, tokenizer, encoded: list[Encoded], context: str, spec
     device = causal_lm(model).device
 
     def teacher_view(e: Encoded) -> Encoded:
+        own = own_prompts.get(id(e))
+        if own is not None:
+            return Encoded(own + e.ids[e.n_prompt:], len(own), e.n_answer)
         lead = bos if e.ids[: len(bos)] == bos else []
         first = max(e.n_prompt if spec.loss_on == "answer" else 1, 1)  # the student's first labelled token
         return Encoded(lead + context_ids + e.ids[len(lead):], len(context_ids) + first, e.n_answer)
 
+    own_prompts = {}  # id(encoded) -> the teacher's own prompt ids, where one is given and fits the window
+    for e, text in zip(encoded, teacher_prompts or []):
+        ids = tokenizer(text).input_ids if text and spec.loss_on == "answer" else None
+        if ids is not None and len(ids) + len(e.ids) - e.n_prompt <= window:
+            own_prompts[id(e)] = ids
     disabled = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     with disabled, autocast(use_bf16(spec.precision, model), device):
         for group in _label_groups(encoded, max_labels):

@@ -225,10 +225,11 @@ class _Run:
 
 
 def train(model, tokenizer, examples: list[Example], spec: TrainSpec, progress: bool = True,
-          context: str | None = None) -> TrainStats:
+          context: str | None = None, teacher_prompts: list[str | None] | None = None) -> TrainStats:
     """Train the LoRA parameters of a PEFT-wrapped model on examples, in place.
 
-    With spec.objective "distill", `context` (the module's documents) is what the teacher reads.
+    With spec.objective "distill", `context` (the module's documents) is what the teacher reads (see
+    distill.teacher_targets for `teacher_prompts`).
     """
     from tqdm.auto import tqdm
 
@@ -239,7 +240,7 @@ def train(model, tokenizer, examples: list[Example], spec: TrainSpec, progress: 
     if spec.objective == "distill":
         if not context:
             raise LoramemError("the distill objective needs the documents the module is written from")
-        teacher_targets(model, tokenizer, encoded, context, spec)
+        teacher_targets(model, tokenizer, encoded, context, spec, teacher_prompts=teacher_prompts)
     _cache_frozen(model, encoded, bf16)
     run = _Run(model, tokenizer, encoded, spec, bf16, _candidates(model, tokenizer, encoded, spec, bf16))
     rng, order = random.Random(spec.seed), list(range(len(encoded)))
