@@ -4,6 +4,7 @@ module or capacity-sized shards, documents and folders through synthetic data in
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from loramem.config import LoraSpec, TrainSpec
@@ -25,15 +26,40 @@ def write_facts(memory, examples, lora: LoraSpec, train_spec: TrainSpec, name: s
     return [module_row(memory.write(examples, lora=lora, train_spec=train_spec, name=name, executor=executor))]
 
 
+def self_study_recipe(train_spec: TrainSpec, given: set[str]) -> TrainSpec:
+    """Format self-study: distillation at synth.selfstudy's rate for all its epochs (a distilled module never
+    "recalls" exactly) in place of the fact-memorising defaults; a field in `given` (set explicitly) is kept."""
+    from loramem.synth import selfstudy
+
+    recipe = {"objective": "distill", "lr": selfstudy.TRAIN_LR, "epochs": selfstudy.TRAIN_EPOCHS,
+              "target_recall": None, "candidates": 0}
+    return replace(train_spec, **{key: value for key, value in recipe.items() if key not in given})
+
+
+def module_locality(memory, record, general_base: list[str]) -> dict:
+    """The write-time locality check of one module (locality.py), recorded in its stats; `general_base` caches the
+    base model's answers to the general questions for the next module."""
+    from loramem import locality
+
+    if not general_base:
+        general_base += [a.text for a in memory.ask_many([q for q, _ in locality.GENERAL_QUESTIONS], mode="base",
+                                                          max_new_tokens=locality.MAX_NEW_TOKENS)]
+    report = locality.check(memory, record.id, base_answers=general_base)
+    locality.record(memory, record.id, report)
+    return {"locality_changed": report.changed, "locality_delta": report.delta}
+
+
 def write_documents(path: Path, files: list[Path], synth, lora: LoraSpec, train_spec: TrainSpec, *,
                     model: str | None = None, prompt: str | None = None, generator: str = "hf",
                     generator_model: str | None = None, base_url: str | None = None, one_module: bool = False,
-                    strict: bool = False, executor=None, progress: bool = True,
+                    strict: bool = False, executor=None, progress: bool = True, check_locality: bool = True,
                     on_skip: Callable[[str, str], None] = lambda where, reason: None,
                     on_module: Callable[[int, int, object], None] = lambda i, total, record: None) -> dict:
     """Read documents and folders (unreadable or empty ones skipped, reported to `on_skip`, unless `strict`), then
     write a module per document (or one for all) into the memory at `path`; `on_module(i, total, record)` as each
-    is committed. Nothing is written when no document is readable or the generator gives no usable data."""
+    is committed. Nothing is written when no document is readable or the generator gives no usable data.
+    `synth` is a SynthSpec or a synth.selfstudy.SelfStudySpec. With `check_locality` each module's locality check
+    (module_locality) is recorded and reported in its row."""
     from loramem.corpus import read_documents
     from loramem.memory import Memory
     from loramem.synth import GENERATORS, choose_generator
@@ -48,6 +74,7 @@ def write_documents(path: Path, files: list[Path], synth, lora: LoraSpec, train_
     memory = Memory.open(path, model=model, create=True, prompt=prompt)
     gen = choose_generator(generator, memory, generator_model, base_url, synth.formats)
     rows, empty = [], 0
+    general_base: list[str] = []  # the base model's answers to the general questions, asked once for every module
     total = 1 if one_module else len(docs)
     for i, (record, reports) in enumerate(memory.write_documents(docs, synth, gen, lora, train_spec, one_module,
                                                                  progress=progress, executor=executor), 1):
@@ -55,7 +82,8 @@ def write_documents(path: Path, files: list[Path], synth, lora: LoraSpec, train_
             empty += 1
             continue
         rows.append(module_row(record) | {"usable": sum(sum(r.produced.values()) for r in reports),
-                                          "asked": sum(sum(r.asked.values()) for r in reports)})
+                                          "asked": sum(sum(r.asked.values()) for r in reports)}
+                    | (module_locality(memory, record, general_base) if check_locality else {}))
         on_module(i, total, record)
     if not rows:
         raise LoramemError("the generator gave no usable training data for any document; nothing written")

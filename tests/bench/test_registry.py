@@ -13,7 +13,7 @@ from loramem.memory import Memory
 def test_every_benchmark_is_registered_with_its_kind():
     kinds = {name: b.kind for name, b in registered().items()}
     assert kinds == {"phonebook": "facts", "sectors": "facts", "counterfact": "facts", "paperqa": "documents",
-                     "paperqa-multi": "documents", "narrativeqa": "documents"}
+                     "paperqa-multi": "documents", "narrativeqa": "documents", "self-study": "documents"}
     assert studied() == ("phonebook", "counterfact")
     assert [name for name, b in registered().items() if b.run is None] == ["counterfact"]  # `loramem exp` only
 

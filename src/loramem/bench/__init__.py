@@ -21,7 +21,7 @@ from loramem.metrics import normalize_answer
 from loramem.examples import Example
 
 KINDS = ("facts", "documents")
-_MODULES = ("phonebook", "counterfact", "paperqa", "narrativeqa")  # each registers its benchmarks when imported
+_MODULES = ("phonebook", "counterfact", "paperqa", "narrativeqa", "selfstudy")  # each registers its benchmarks when imported
 _REGISTRY: dict[str, Benchmark] = {}
 
 

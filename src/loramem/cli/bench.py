@@ -15,6 +15,7 @@ from loramem.cli.options import (
 )
 from loramem.config import LoraSpec, TrainSpec
 from loramem.synth import SynthSpec
+from loramem.synth.selfstudy import SelfStudySpec
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks; every one prints a table, or one JSON object with --json.")
 app.add_typer(bench_app, name="bench")
@@ -197,3 +198,45 @@ def bench_narrativeqa(
                            train_spec, per, chunk_tokens, router, progress=not as_json)
     emit(result, out, as_json, f"NarrativeQA: {len(chosen)} stories, {result['questions']} questions, "
          f"{result['modules']} modules ({per})", ("context", "modules", "rouge_l", "s_per_question"))
+
+
+def _self_study_defaults() -> dict:
+    """bench self-study trains synth.selfstudy's recipe (every method's objective is its own) unless told otherwise."""
+    from loramem.synth import selfstudy
+
+    return DOCUMENT_BENCH_DEFAULTS | {"layers": "late", "lr": selfstudy.TRAIN_LR, "epochs": selfstudy.TRAIN_EPOCHS,
+                                      "target_recall": 0.0, "candidates": 0}
+
+
+@bench_app.command("self-study")
+@with_settings(LoraSpec, TrainSpec, SynthSpec, SelfStudySpec, defaults=_self_study_defaults(), exclude=("objective",))
+def bench_self_study(
+    dataset: str = typer.Option("paperqa", help="paperqa or narrativeqa"),
+    papers: Optional[str] = PapersOpt,
+    stories: int = typer.Option(5, help="narrativeqa: the first N dev stories"),
+    methods: str = typer.Option("qa-ntp,qa-distill,self-study", help="module kinds to compare, comma-separated: "
+                                "qa-ntp, qa-distill, self-study, self-study-ntp"),
+    generator: str = GeneratorOpt,
+    generator_model: Optional[str] = GeneratorModelOpt,
+    base_url: Optional[str] = BaseUrlOpt,
+    model: Optional[str] = ModelOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+    prompt: str = typer.Option("chat", "--prompt", help="prompt style of the memories (chat: as self-study is meant)"),
+    memory: Optional[Path] = KeepOpt,
+    out: Optional[Path] = OutOpt,
+    as_json: bool = JsonOpt,
+    lora: LoraSpec = None, train_spec: TrainSpec = None, synth: SynthSpec = None, study: SelfStudySpec = None,
+):
+    """Issue 21: base, ICL, RAG and modules from QA pairs (ntp, distill) or self-study, each closed book, with RAG
+    and with ICL; write seconds per document and locality on other documents' questions."""
+    from loramem.bench import get, study_memory
+
+    bench = get("self-study")
+    items = bench.load(papers if dataset == "paperqa" else stories, data_dir, dataset)
+    with study_memory(memory, model, prompt) as mem:
+        result = bench.run(mem, items, [m.strip() for m in methods.split(",") if m.strip()], synth, study,
+                           _generator(generator, generator_model, base_url, mem), lora, train_spec,
+                           items[0].max_new_tokens, progress=not as_json)
+    emit(result, out, as_json, f"{dataset}: {result['documents']} documents, {result['questions']} questions",
+         ("setting", "rouge_l", "write_s_per_doc", "train_s_per_doc", "locality_other_delta",
+          "locality_other_changed", "locality_general_delta", "locality_general_changed"))

@@ -37,12 +37,16 @@ AddressOpt = typer.Option(None, "--address", help="ray: the cluster (auto, or ra
                           "started for this run")
 
 # The keyword argument a command receives each built settings object under.
-SETTINGS_ARGS = {"LoraSpec": "lora", "TrainSpec": "train_spec", "SynthSpec": "synth", "AskSpec": "ask_spec"}
+SETTINGS_ARGS = {"LoraSpec": "lora", "TrainSpec": "train_spec", "SynthSpec": "synth", "AskSpec": "ask_spec",
+                 "SelfStudySpec": "study"}
 
 
 def _option_type(annotation):
-    """Typer wants Optional[X] for `X | None`."""
+    """Typer wants Optional[X] for `X | None`; a field that also takes a +-joined string (`tuple[str, ...] | str`)
+    is a string option."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if str in args and len(args) > 1:
+        return Optional[str] if type(None) in typing.get_args(annotation) else str
     if type(None) in typing.get_args(annotation) and len(args) == 1:
         return Optional[args[0]]
     return annotation
@@ -52,13 +56,23 @@ def settings_parameters(classes, defaults: dict, helps: dict, exclude=()) -> lis
     """One keyword parameter with a typer option per settings field (config.option_fields)."""
     plain, groups = option_fields(classes, exclude)
     params = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=_option_type(f.type),
-                                default=typer.Option(defaults.get(f.name, f.default), "--" + f.name.replace("_", "-"),
-                                                     help=helps.get(f.name, f.help)))
+                                default=typer.Option(_shown(defaults.get(f.name, f.default)),
+                                                     "--" + f.name.replace("_", "-"), help=helps.get(f.name, f.help)))
               for f in plain]
     return params + [inspect.Parameter(group, inspect.Parameter.KEYWORD_ONLY, annotation=str,
                                        default=typer.Option(defaults.get(group, ""), "--" + group,
                                                             help=helps.get(group, group_help(members))))
                      for group, members in groups.items()]
+
+
+def _shown(default):
+    """A tuple default of a string option (`kinds`) as the +-joined string it is typed as."""
+    return "+".join(map(str, default)) if isinstance(default, tuple) else default
+
+
+def given_options(context: typer.Context) -> set[str]:
+    """The options of the running command (its typer.Context) given on the command line, not left at defaults."""
+    return {name for name in context.params if context.get_parameter_source(name).name != "DEFAULT"}
 
 
 def with_settings(*classes, defaults: dict | None = None, helps: dict | None = None, exclude: tuple[str, ...] = ()):

@@ -10,21 +10,27 @@ import typer
 from loramem.cli import app
 from loramem.cli.options import (
     AddressOpt, BaseUrlOpt, DataDirOpt, ExecutorOpt, GeneratorModelOpt, GeneratorOpt, JsonOpt, ModelOpt, PromptOpt,
-    console, notices, print_json, table, with_settings,
+    console, given_options, notices, print_json, table, with_settings,
 )
 from loramem.config import AskSpec, LoraSpec, TrainSpec
 from loramem.errors import LoramemError
 from loramem.models import DEFAULT_MODEL
 from loramem.synth import SynthSpec
+from loramem.synth.selfstudy import SelfStudySpec
 
 
 @app.command()
-@with_settings(LoraSpec, TrainSpec, SynthSpec)
+@with_settings(LoraSpec, TrainSpec, SynthSpec, SelfStudySpec)
 def write(
+    context: typer.Context,
     memory: Path = typer.Argument(..., help="memory folder (created on first write)"),
     files: list[Path] = typer.Argument(None, help="facts files (one fact per line), or documents and folders with --format"),
     fmt: str = typer.Option("facts", "--format", help="facts, or synthetic data from documents: original, qa, "
-                            "summary, rewrite or a mix like qa+summary"),
+                            "summary, rewrite or a mix like qa+summary, or self-study (prompts answered by the model "
+                            "that reads the document; distilled, chat prompts in a new memory)"),
+    check_locality: bool = typer.Option(True, "--locality/--no-locality", help="documents: after each module, ask "
+                                        "the package's general questions with and without it (locality.py); the "
+                                        "share changed and the ROUGE-L change are kept with the module"),
     one_module: bool = typer.Option(False, "--one-module", help="one module for all documents"),
     shard_tokens: str = typer.Option("0", help="facts: one module per this many tokens of facts (0: one module), "
                                      "or auto: as many as one module of this spec was measured to hold"),
@@ -43,27 +49,31 @@ def write(
     executor: str = ExecutorOpt,
     address: Optional[str] = AddressOpt,
     as_json: bool = JsonOpt,
-    lora: LoraSpec = None, train_spec: TrainSpec = None, synth: SynthSpec = None,
+    lora: LoraSpec = None, train_spec: TrainSpec = None, synth: SynthSpec = None, study: SelfStudySpec = None,
 ):
     """Train memory modules on facts or documents and commit them into MEMORY."""
     from dataclasses import replace
 
     from loramem.executor import make_executor
-    from loramem.writing import write_documents
+    from loramem.writing import self_study_recipe, write_documents
 
     if fmt != "facts":
         if phonebook or not files:
             raise LoramemError("--format writes documents: give files or folders (not --phonebook)")
+        if fmt == "self-study":  # its recipe where the fact-memorising defaults were left as they are
+            train_spec = self_study_recipe(train_spec, given_options(context))
+            prompt = prompt or (None if Path(memory).exists() else "chat")
 
         def written(i: int, total: int, record) -> None:
             if not as_json:
                 console.print(f"[{i}/{total}] {record.name}: {record.n_examples} examples, recall {record.recall:.0%}, "
                               f"{record.train_seconds:.0f} s", highlight=False)
 
-        out = write_documents(memory, files, replace(synth, formats=fmt), lora, train_spec, model=model, prompt=prompt,
+        synth = study if fmt == "self-study" else replace(synth, formats=fmt)
+        out = write_documents(memory, files, synth, lora, train_spec, model=model, prompt=prompt,
                               generator=generator, generator_model=generator_model, base_url=base_url,
                               one_module=one_module, strict=strict, executor=make_executor(executor, address),
-                              progress=not as_json, on_module=written,
+                              progress=not as_json, on_module=written, check_locality=check_locality,
                               on_skip=lambda where, why: notices.print(f"[yellow]skipped[/] {where}: {why}",
                                                                        highlight=False))
         print_json(out) if as_json else table(f"wrote {memory}", out["modules"])
@@ -128,13 +138,22 @@ def inspect(memory: Path = typer.Argument(...), as_json: bool = JsonOpt):
         "targets": m.lora_spec["targets"], "layers": m.lora_spec["layers"], "params": m.trainable_params,
         "facts": m.n_examples, "train_tokens": m.train_tokens, "recall": m.recall,
         "precision": m.stats.get("precision"), "created": m.created_at,
-    } for m in store.modules()]
+    } | _locality_columns(m.stats) for m in store.modules()]
+    if any("locality_changed" in row for row in rows):  # one table: modules without the check show blanks
+        rows = [row | {key: row.get(key) for key in ("locality_changed", "locality_delta")} for row in rows]
     if as_json:
         print_json({"memory": str(memory), "base_model": store.base_model, "modules": rows}, ran=False)
     elif rows:
         table(f"{memory} ({store.base_model})", rows)
     else:
         console.print(f"{memory}: no modules ({store.base_model})")
+
+
+def _locality_columns(stats: dict) -> dict:
+    """The write-time locality check (locality.py), when the module has one: share of unrelated answers changed,
+    and their ROUGE-L change."""
+    general = stats.get("locality", {}).get("general")
+    return {"locality_changed": general["changed"], "locality_delta": general["delta"]} if general else {}
 
 
 @app.command()
