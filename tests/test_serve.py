@@ -209,6 +209,10 @@ def test_documents_job_writes_a_module_while_the_memory_answers(client, server):
     ("/memories/docs/documents", {"documents": [{"text": " "}]}, 400, "no text"),
     ("/memories/docs/documents", {"documents": [{"text": "x"}], "rank": 0}, 400, "rank"),
     ("/memories/docs/documents", {"documents": [{"text": "x"}], "format": "poem"}, 400, "poem"),
+    ("/memories/docs/documents", {"documents": [{"text": "x"}], "format": "self-study", "prompts": 0}, 400,
+     "prompt count must be at least 1"),
+    ("/memories/docs/documents", {"documents": [{"text": "x"}], "format": "self-study", "kinds": "poems"}, 400,
+     "unknown self-study kind 'poems'"),
 ])
 def test_bad_documents_jobs(server, path, body, status, message):
     response = httpx.post(server[0] + path, json=body, headers={"Authorization": f"Bearer {KEY}"})

@@ -44,6 +44,8 @@ from loramem.errors import LoramemError
 from loramem.memory import Memory
 from loramem.store import MANIFEST
 from loramem.synth import SynthSpec, choose_generator
+from loramem.synth.selfstudy import SelfStudySpec
+from loramem.writing import self_study_recipe
 
 log = logging.getLogger("loramem.serve")
 DEFAULT_MAX_BODY = 1_000_000  # bytes
@@ -306,12 +308,13 @@ class DocumentIn(BaseModel):
 DocumentsRequest = create_model(
     "DocumentsRequest", __config__=FORBID,
     documents=(list[DocumentIn], Field(min_length=1)),
-    format=(str, Field("qa", description="synthetic data formats: original, qa, summary, rewrite or a mix (qa+summary)")),
+    format=(str, Field("qa", description="synthetic data formats: original, qa, summary, rewrite or a mix (qa+summary), "
+                                        "or self-study (prompts answered by the model that reads the document)")),
     one_module=(bool, Field(False, description="one module for all the documents")),
     generator=(Literal["hf", "openai"], Field("hf", description="hf: the memory's own model; openai: the endpoint "
                                                  "and key from $LORAMEM_OPENAI_BASE_URL/_API_KEY")),
     generator_model=(str | None, None),
-    **settings_fields_of([SynthSpec, LoraSpec, TrainSpec]),
+    **settings_fields_of([SynthSpec, SelfStudySpec, LoraSpec, TrainSpec]),
 )
 
 
@@ -391,8 +394,12 @@ class Service:
         if any(not d.text.strip() for d in documents):
             raise ApiError(400, "a document has no text")
         values = request.model_dump()
-        synth = build_settings(SynthSpec, values | {"formats": request.format})
         lora, train_spec = build_settings(LoraSpec, values), build_settings(TrainSpec, values)
+        if request.format == "self-study":  # its recipe where the request left the training fields out
+            synth, train_spec = build_settings(SelfStudySpec, values), self_study_recipe(train_spec,
+                                                                                         request.model_fields_set)
+        else:
+            synth = build_settings(SynthSpec, values | {"formats": request.format})
         if lora.layers != AUTO:
             lora.layer_indices(memory.base.num_layers)  # a bad layer range fails now, not in the job
         generator = choose_generator(request.generator, memory, request.generator_model, formats=synth.formats,
