@@ -7,7 +7,6 @@ Each variant: {"ss": SelfStudySpec fields, "train": TrainSpec fields (default ep
 "lora": LoraSpec fields (default rank 16, layers late)}.
 """
 import json, sys, time, logging
-from dataclasses import replace
 from pathlib import Path
 from loramem.memory import Memory
 from loramem.config import LoraSpec, TrainSpec
