@@ -22,7 +22,7 @@ from loramem.synth.selfstudy import SelfStudySpec
 @app.command()
 @with_settings(LoraSpec, TrainSpec, SynthSpec, SelfStudySpec)
 def write(
-    context: typer.Context,
+    ctx: typer.Context,
     memory: Path = typer.Argument(..., help="memory folder (created on first write)"),
     files: list[Path] = typer.Argument(None, help="facts files (one fact per line), or documents and folders with --format"),
     fmt: str = typer.Option("facts", "--format", help="facts, or synthetic data from documents: original, qa, "
@@ -61,7 +61,7 @@ def write(
         if phonebook or not files:
             raise LoramemError("--format writes documents: give files or folders (not --phonebook)")
         if fmt == "self-study":  # its recipe where the fact-memorising defaults were left as they are
-            train_spec = self_study_recipe(train_spec, given_options(context))
+            train_spec = self_study_recipe(train_spec, given_options(ctx))
             prompt = prompt or (None if Path(memory).exists() else "chat")
 
         def written(i: int, total: int, record) -> None:
