@@ -32,7 +32,7 @@ gemma: venv
 # The whole suite in fp32 (tests/conftest.py), then the tests that write, answer, score and run studies again with
 # bf16 forced (autocast over fp32 weights; tests/test_precision.py also runs bf16 weights, as on a GPU).
 BF16_TESTS := tests/test_precision.py tests/test_memory.py tests/experiments/test_runner.py \
-	tests/bench/test_counterfact.py "tests/test_cli.py::test_a_study_then_its_report"
+	tests/bench/test_counterfact.py "tests/cli/test_commands.py::test_a_study_then_its_report"
 
 test: venv
 	$(BIN)/python -m pytest -q
