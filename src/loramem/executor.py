@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from loramem.config import LoraSpec, TrainSpec
 from loramem.errors import LoramemError
 from loramem.models import Base, load_base, same_base
@@ -92,7 +94,9 @@ class RayExecutor:
         self._pending: dict = {}  # ObjectRef -> TrainJob
 
     def submit(self, job: TrainJob) -> None:
-        self._pending[self._remote.remote(job)] = job
+        # the driver's thread count: matmuls reduce in another order on another count (a Ray worker with num_cpus=1
+        # runs one thread), which moved adapters by ~1e-5 from in-process training's
+        self._pending[self._remote.remote(job, torch.get_num_threads())] = job
 
     def finished(self, staging: Staging, wait: bool = True) -> Iterator[Finished]:
         while self._pending:
@@ -145,8 +149,11 @@ def ray_result(ray, ref):
         raise
 
 
-def _train_to_files(job: TrainJob) -> tuple[dict[str, bytes], TrainStats]:
-    """A Ray task: train the job on this worker's copy of the base model; the adapter comes back as bytes."""
+def _train_to_files(job: TrainJob, threads: int | None = None) -> tuple[dict[str, bytes], TrainStats]:
+    """A Ray task: train the job on this worker's copy of the base model, with `threads` torch threads (the
+    driver's, so results are the in-process ones); the adapter comes back as bytes."""
+    if threads is not None:
+        torch.set_num_threads(threads)
     base = _worker_base(job.model)
     if not same_base(base.fingerprint, job.fingerprint):
         import socket
