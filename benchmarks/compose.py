@@ -4,7 +4,7 @@
 
 Writes (or, when already written, reuses) one rank-4 module per PhoneBook sector (the 128K file cut into `--count`
 sectors of `--sector` tokens, the defaults' recipe) through Memory.write, then asks every sector's questions
-through Memory.ask_many with: the router's top 1; its top 3 composed by `mix` and by `select`, and merged by TIES
+through Memory.ask_many with: the router's top 1; its top 3 composed by `mix`, `select` and `select-token`, and merged by TIES
 and by the linear average, for each router (dense, bm25, hybrid); and the gold module forced to the third of three
 places (two other sectors first, all at score 1), composed and merged. Exact match of the phone number, seconds per
 question, and for composed answers the share of answer tokens supplied by the gold module.
@@ -23,7 +23,7 @@ from loramem.config import LoraSpec
 from loramem.memory import Memory
 from loramem.precision import hardware, resolve
 
-COMBINATIONS = ("mix", "select", "ties", "linear")
+COMBINATIONS = ("mix", "select", "select-token", "ties", "linear")
 
 
 def written(memory: Memory, parts) -> list[str]:

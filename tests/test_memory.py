@@ -251,7 +251,7 @@ def test_score_puts_questions_in_the_memory_prompt_style(tiny, tmp_path):
     assert all(s.exact for s in memory.score(facts_from_text(FACTS), record.id))
 
 
-@pytest.mark.parametrize("method", ["mix", "select"])
+@pytest.mark.parametrize("method", ["mix", "select", "select-token"])
 def test_composed_answers_name_their_modules_weights_and_suppliers(tiny, tmp_path, method):
     memory = Memory.open(tmp_path / "m.mem", model="tiny", create=True, base=tiny)
     spec = TrainSpec(lr=1e-2, epochs=3, batch_size=2, target_recall=None, **LINEAR_TO_ZERO)

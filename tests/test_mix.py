@@ -74,12 +74,26 @@ def test_mix_takes_the_argmax_of_the_weighted_mixture_and_names_its_main_supplie
     assert composer.supplied[0].tolist() == [1, 1]
 
 
-def test_select_follows_the_most_confident_row():
+def test_select_token_follows_the_most_confident_row():
     p = torch.tensor([[[0.5, 0.3, 0.2], [0.98, 0.01, 0.01]],
                       [[0.05, 0.9, 0.05], [0.4, 0.3, 0.3]]])
-    composer = Composer("select", torch.full((2, 2), 0.5))
+    composer = Composer("select-token", torch.full((2, 2), 0.5))
     token = composer((p).log().view(4, 3))
     assert composer.supplied[0].tolist() == [1, 0] and token.tolist() == [1, 0, 1, 0]
+
+
+def test_select_lets_each_row_answer_and_keeps_the_surest_whole_answer():
+    # two questions (n=2), two rows each (k=2), vocabulary of 4 (token 3 is EOS); rows 0, 1: block 0; rows 2, 3: block 1
+    steps = [torch.tensor([[0.9, 0.1, 0.0, 0.0], [0.6, 0.4, 0.0, 0.0], [0.0, 0.2, 0.8, 0.0], [0.0, 0.0, 0.0, 1.0]]),
+             torch.tensor([[0.0, 0.0, 0.0, 1.0], [0.0, 0.5, 0.0, 0.5], [0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]])]
+    composer = Composer("select", torch.full((2, 2), 0.5))
+    tokens = [composer((p + 1e-12).log()) for p in steps]
+    assert [t.tolist() for t in tokens] == [[0, 0, 2, 3], [3, 1, 3, 0]]  # each row its own argmax
+    generated = torch.stack(tokens, dim=1)
+    answer, supplied = composer.answers(generated, eos_token_id=3)
+    # question 0: block 0 "0 EOS" mean log(0.9)/2 against block 1 "2 EOS" log(0.8)/2: block 0;
+    # question 1: block 0 "0 1" mean (log 0.6 + log 0.5)/2 against block 1 "EOS" log 1 = 0: block 1, an empty answer
+    assert answer.tolist() == [[0, 3], [3, 0]] and supplied == [[0], []]
 
 
 def test_mixture_weights_are_the_softmax_of_router_scores():
@@ -94,7 +108,7 @@ def test_supplied_stops_at_each_answers_eos():
     assert supplied_by(steps, generated, eos_token_id=9) == [[0], [1, 1, 1]]
 
 
-@pytest.mark.parametrize("method", ["mix", "select"])
+@pytest.mark.parametrize("method", ["mix", "select", "select-token"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_one_module_composed_answers_as_that_module(tiny, folders, method, precision):
     caches = Caches()
@@ -125,7 +139,11 @@ def test_bad_compositions_are_refused(tiny, folders):
 
 def test_rows_of_weight_zero_never_decide():
     p = torch.tensor([[[0.5, 0.3, 0.2]], [[0.98, 0.01, 0.01]]])  # one question; row 1 is the more confident
-    composer = Composer("select", torch.tensor([[1.0, 0.0]]))
+    composer = Composer("select-token", torch.tensor([[1.0, 0.0]]))
     assert composer(p.log().view(2, 3)).tolist() == [0, 0] and composer.supplied[0].tolist() == [0]
+    chooser = Composer("select", torch.tensor([[1.0, 0.0]]))
+    assert chooser(p.log().view(2, 3)).tolist() == [0, 0]
+    answer, supplied = chooser.answers(torch.tensor([[0], [0]]), eos_token_id=9)
+    assert supplied == [[0]]  # row 1 was surer of its token, but it is a filler
     mixed = Composer("mix", torch.tensor([[1.0, 0.0]]))
     assert mixed(torch.tensor([[0.1, 0.2, 0.7], [9.0, 0.0, 0.0]]).log()).tolist() == [2, 2]

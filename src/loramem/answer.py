@@ -48,7 +48,7 @@ class Answer:
     timing: dict = field(default_factory=dict)  # seconds: route, merge, prefill, decode
     prompt_tokens: int = 0  # the whole prompt read, context included
     completion_tokens: int = 0
-    module_weights: list[float] = field(default_factory=list)  # composed (mix, select): each module's mixture weight
+    module_weights: list[float] = field(default_factory=list)  # composed (mix, select...): each module's mixture weight
     supplied_by: list[str] = field(default_factory=list)  # composed: the module that supplied each answer token
 
     def to_dict(self) -> dict:
@@ -153,9 +153,9 @@ def generate_composed(model, tokenizer, prompts: list[str], modules: list[list],
                 packed_linears(model) if bf16 else nullcontext():
             ids = llama.greedy(model, enc.input_ids, enc.attention_mask, max_new_tokens, tokenizer.eos_token_id,
                                tokenizer.pad_token_id, on_prefill=lambda: first(None, None), choose=composer)
-        generated = ids[: len(asked), enc.input_ids.shape[1]:]
+        generated, by = composer.answers(ids[:, enc.input_ids.shape[1]:], tokenizer.eos_token_id)
         texts += tokenizer.batch_decode(generated, skip_special_tokens=True)
-        supplied += mix.supplied_by(composer.supplied, generated, tokenizer.eos_token_id)
+        supplied += by
         if counts is not None:
             counts += [(read, len(s)) for read, s in zip(enc.attention_mask[: len(asked)].sum(1).tolist(),
                                                           supplied[-len(asked):])]

@@ -301,7 +301,8 @@ class AskSpec:
     top_k: int | None = setting(None, "modules merged (multi) and passages retrieved (rag); default 3, or all modules "
                                 "when fewer", ge=1)
     merge: str = setting("ties", "multi: a weight merge (linear, cat, ties, dare_linear, dare_ties, magnitude_prune) or "
-                         "an output composition (mix, select)")
+                         "an output composition (mix: router-weighted mixture; select: the answer its module is surest of; "
+                         "select-token)")
     threshold: float | None = setting(None, "abstain (no module: the base weights answer) below this router score")
     max_new_tokens: int = setting(24, "longest answer in tokens (memory answers are short)", ge=1)
     batch_size: int = setting(16, "questions generated together", ge=1)
