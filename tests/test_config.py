@@ -64,7 +64,10 @@ def test_later_settings_at_their_old_defaults_keep_module_ids():
 
 def test_the_defaults_are_the_fast_recipe_and_candidates_follow_the_objective():
     spec = TrainSpec()
-    assert (spec.lr, spec.epochs, spec.decay_epochs, spec.lr_floor, spec.candidates) == (1e-2, 60, 30, 0.1, 32)
+    assert (spec.lr, spec.epochs, spec.decay_epochs, spec.lr_floor, spec.candidates) == (None, 60, 30, 0.1, 32)
+    # the rate follows the placement: 1e-2 on up to 4 layers, 5e-3 on more; a given rate is kept
+    assert [spec.with_lr_for(n).lr for n in (1, 4, 5, 30)] == [1e-2, 1e-2, 5e-3, 5e-3]
+    assert TrainSpec(lr=1e-3).with_lr_for(30).lr == 1e-3 and spec.lr is None
     assert spec.to_dict()["candidates"] == 32
     assert TrainSpec(objective="distill").candidates == 0  # distill keeps the teacher's top k instead
     assert TrainSpec(candidates=0).candidates == 0

@@ -267,3 +267,54 @@ def test_composed_answers_name_their_modules_weights_and_suppliers(tiny, tmp_pat
         assert a.timing["decode"] > 0
     with pytest.raises(LoramemError, match="top_k 3 is more than the 2 modules"):
         memory.ask(questions[0], mode="multi", top_k=3, merge=method)
+
+
+def test_forgotten_facts_answer_as_the_base_model_and_the_others_do_not_change(tiny, tmp_path):
+    from loramem.bench.phonebook import phone_exact_match
+    from loramem.route import _set_digest
+
+    memory = Memory.open(tmp_path / "m.mem", create=True, base=tiny)
+    records = [memory.write(facts_from_text(text), lora=LoraSpec(rank=8, layers="all"), train_spec=FAST,
+                            name=f"shard-{i}", progress=False) for i, text in enumerate(SHARDS)]
+    facts = [f for text in SHARDS for f in facts_from_text(text)]
+    questions = [f.prompt.removeprefix("Question: ").removesuffix(" Answer:") for f in facts]
+    router = memory.router("bm25")
+    scores = router.scores(questions)  # (questions, modules): each question's own shard is its best
+    column = [router.modules.index(r.id) for r in records]
+    own = [scores[q, column[q // 2]] for q in range(6)]
+    other = [max(scores[q, column[m]] for m in range(3) if m != q // 2) for q in range(6)]
+    assert min(own) > max(other)
+    ask = dict(mode="lora", router="bm25", threshold=(min(own) + max(other)) / 2)
+    before = [a.text for a in memory.ask_many(questions, **ask)]
+    base = [a.text for a in memory.ask_many(questions, mode="base")]
+    assert all(phone_exact_match(t, f.answer.strip()) for t, f in zip(before, facts))
+    assert not any(phone_exact_match(t, f.answer.strip()) for t, f in zip(base, facts))
+
+    assert [m.id for m in memory.forget(module="shard-0")] == [records[0].id]
+    after = memory.ask_many(questions, **ask)
+    assert [a.text for a in after[:2]] == base[:2] and [a.modules for a in after[:2]] == [[], []]
+    assert [a.text for a in after[2:]] == before[2:]
+    rag = memory.ask(questions[0], mode="rag", router="bm25", top_k=4)  # its passages are gone: 4 of 6 left
+    assert all(not c["id"].startswith(records[0].id) for c in rag.chunks)
+    assert [m.id for m in Memory.open(memory.path, base=tiny).modules()] == [r.id for r in records[1:]]
+    with pytest.raises(LoramemError, match="no module 'shard-0'"):
+        memory.forget(module="shard-0")
+    with pytest.raises(LoramemError, match="no document 'nowhere.md'"):
+        memory.forget(document="nowhere.md")
+    freed = memory.compact()
+    assert freed["modules_deleted"] == 1 and freed["bytes_freed"] > 0
+    assert not memory.store.module_dir(records[0].id).exists()
+    assert freed["indexes_deleted"] >= 1  # the index of the three modules' set
+    assert all(f.name.endswith(_set_digest([r.id for r in records[1:]])) for f in (memory.path / "index").iterdir())
+
+
+def test_forgetting_while_another_process_writes_is_refused(tiny, tmp_path):
+    from loramem.store import writer_lock
+
+    memory = Memory.open(tmp_path / "m.mem", create=True, base=tiny)
+    memory.write(facts_from_text(FACTS), lora=LoraSpec(rank=2, layers="all"), train_spec=TrainSpec(epochs=1),
+                 progress=False)
+    with writer_lock(memory.path), pytest.raises(LoramemError, match="is being written"):
+        memory.forget(module="module-1")
+    assert len(memory.modules()) == 1
+    assert memory.modules()[0].train_spec["lr"] == 1e-2  # the default rate, resolved for its 4 layers and kept

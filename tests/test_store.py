@@ -143,3 +143,50 @@ def test_a_modules_examples_and_documents_are_written_beside_it_and_read_back(tm
     store.commit(facts_only, record("m2"))
     assert store.examples("m1") == store.examples("m2") == examples
     assert store.documents("m1") == documents and store.documents("m2") == []
+
+
+def test_retired_modules_leave_the_manifest_at_once_and_their_folders_at_compact(tmp_path):
+    store = Store.create(tmp_path / "mem", "tiny", FP)
+    for i in ("a", "b"):
+        store.commit(staged(store, b"x" * 10), record(i))
+    store.retire(["a"], "forgotten")
+    assert [m.id for m in store.modules()] == ["b"] and store.retired() == ["a"]
+    store.sweep()  # a writer's sweep keeps a retired folder: a reader may still be answering with it
+    assert store.module_dir("a").is_dir()
+    assert store.compact() == (1, 10)
+    assert not store.module_dir("a").exists() and store.retired() == [] and store.compact() == (0, 0)
+    with pytest.raises(LoramemError, match="no module 'a' to retire"):
+        store.retire(["b", "a"], "forgotten")
+    assert [m.id for m in store.modules()] == ["b"]  # one transaction: b stays too
+
+
+def test_a_commit_retires_the_modules_it_replaces_in_the_same_transaction(tmp_path, monkeypatch):
+    store = Store.create(tmp_path / "mem", "tiny", FP)
+    store.commit(staged(store), record("old"))
+
+    def boom(*a):
+        raise OSError("crash during rename")
+
+    folder = staged(store)
+    monkeypatch.setattr(os, "rename", boom)
+    with pytest.raises(OSError):
+        store.commit(folder, record("new"), retire=["old"])
+    monkeypatch.undo()
+    assert [m.id for m in store.modules()] == ["old"] and store.retired() == []  # neither happened
+    store.commit(staged(store), record("new"), retire=["old"])
+    assert [m.id for m in store.modules()] == ["new"] and store.retired() == ["old"]
+    store.retire(["new"], "forgotten")
+    store.commit(staged(store), record("new"))  # written again before a compact: back, no longer retired
+    assert [m.id for m in store.modules()] == ["new"] and store.retired() == ["old"]
+
+
+def test_memories_made_before_the_retired_table_read_and_retire(tmp_path):
+    store = Store.create(tmp_path / "mem", "tiny", FP)
+    store.commit(staged(store), record("a"))
+    with sqlite3.connect(tmp_path / "mem" / MANIFEST) as db:
+        db.execute("DROP TABLE retired")
+    db.close()
+    assert store.retired() == []
+    store.sweep()
+    store.retire(["a"], "forgotten")
+    assert store.retired() == ["a"]

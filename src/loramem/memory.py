@@ -60,6 +60,7 @@ class _Pending:
     documents: list[Document]
     digest: str
     tags: list  # what the caller gets back with the record (one per identical batch)
+    replaces: list[str]  # modules of earlier versions of its documents, retired in its commit
 
 
 class Memory:
@@ -161,7 +162,8 @@ class Memory:
                         continue
                     if job.module_id not in waiting:
                         executor.submit(job)
-                        waiting[job.module_id] = _Pending(name, examples, list(documents), digest, [])
+                        waiting[job.module_id] = _Pending(name, examples, list(documents), digest, [],
+                                                          self._superseded(documents))
                     waiting[job.module_id].tags.append(tag)
                     yield from self._commit_finished(executor, waiting, wait=False)
                 yield from self._commit_finished(executor, waiting, wait=True)
@@ -174,6 +176,7 @@ class Memory:
         digest = data_hash(examples)
         trained_on = [render_example(base.tokenizer, e, self.prompt) for e in examples]  # stored plain, trained styled
         lora = self._placed(lora, trained_on, train_spec)
+        train_spec = train_spec.with_lr_for(len(lora.layer_indices(base.num_layers) or range(base.num_layers)))
         distill = train_spec.objective == "distill"
         teacher_prompts = self._teacher_prompts(examples, documents) if distill else ()
         module_id = hashlib.sha256(json.dumps(
@@ -241,7 +244,8 @@ class Memory:
             train_tokens=stats.tokens, trainable_params=stats.trainable_params, recall=stats.recall,
             train_seconds=stats.seconds, stats=stats.to_dict(),
         )
-        self.store.commit(staged, record)
+        present = {m.id for m in self.modules()}
+        self.store.commit(staged, record, retire=[i for i in pending.replaces if i in present])
         return record
 
     def write_shards(self, examples: list[Example], shard_tokens: int, lora: LoraSpec | None = None,
@@ -310,6 +314,72 @@ class Memory:
         """What ICL puts in the prompt for a module: its documents, else its facts."""
         documents = self.documents(module)
         return module_context(documents, [] if documents else self.examples(module))
+
+    # --- documents that change: replacing, forgetting, compacting ----------------------------------------
+
+    def _superseded(self, documents: list[Document]) -> list[str]:
+        """The modules an earlier version of these documents was written into: every document of theirs has a
+        source (path, JSONL line) among these, and one of them has other text now. (Documents without a path, and
+        the same text written again in another format, replace nothing.)"""
+        new_sources, new_ids = {_source(d) for d in documents if d.path}, {d.id for d in documents}
+        if not new_sources:
+            return []
+        out = []
+        for m in self.modules():
+            docs = self.documents(m)
+            if docs and all(d.path and _source(d) in new_sources for d in docs) and \
+                    any(d.id not in new_ids for d in docs):
+                out.append(m.id)
+        return out
+
+    def removed_sources(self, folders: list[Path], present: list[Document], sync: bool = False) -> list[ModuleRecord]:
+        """The modules written from a document under `folders` that is no longer among `present` (a sync forgets
+        them); for a `sync`, a LoramemError when none of the memory's documents came from these folders."""
+        roots = [str(Path(f).resolve()) for f in folders]
+        under = lambda d: d.path and any(d.path == r or d.path.startswith(r.rstrip("/") + "/") for r in roots)
+        read = {_source(d) for d in present}
+        documented = [(m, self.documents(m)) for m in self.modules()]
+        if sync and any(docs for _, docs in documented) and not any(under(d) for _, docs in documented for d in docs):
+            raise LoramemError(f"{', '.join(map(str, folders))} is not the source of any document in {self.path}; "
+                               "sync only the folders this memory was written from")
+        return [m for m, docs in documented if any(under(d) and _source(d) not in read for d in docs)]
+
+    def forget(self, module: str | None = None, document: str | None = None) -> list[ModuleRecord]:
+        """Retire one module, or every module written from a document (its path, or its id or an id prefix), in one
+        commit; its routing keys and passages go with it (indexes are kept per module set). Asked afterwards, the
+        memory answers as if it had never been written. Folders are deleted by `compact`."""
+        if (module is None) == (document is None):
+            raise LoramemError("forget needs a module or a document, not both")
+        if self.store is None:
+            raise LoramemError(f"{self.path} has no modules yet; nothing to forget")
+        with writer_lock(self.path):
+            gone = [self.store.get(module)] if module is not None else self._written_from(document)
+            self.store.retire([m.id for m in gone], "forgotten")
+        return gone
+
+    def retire(self, modules: list[ModuleRecord], reason: str) -> None:
+        """Retire these modules in one commit (a sync's removed documents)."""
+        if modules:
+            with writer_lock(self.path):
+                self.store.retire([m.id for m in modules], reason)
+
+    def _written_from(self, document: str) -> list[ModuleRecord]:
+        path = str(Path(document).resolve())
+        found = [m for m in self.modules()
+                 if any(d.path in (path, document) or (len(document) >= 4 and d.id.startswith(document))
+                        for d in self.documents(m))]
+        if not found:
+            raise LoramemError(f"no document {document!r} in {self.path} (by path or id; `loramem inspect` lists them)")
+        return found
+
+    def compact(self) -> dict:
+        """Delete the retired modules' folders and the indexes of module sets that no longer exist."""
+        if self.store is None:
+            raise LoramemError(f"no memory at {self.path}")
+        with writer_lock(self.path):
+            modules, module_bytes = self.store.compact()
+            indexes, index_bytes = self._indexes.prune([m.id for m in self.modules()])
+        return {"modules_deleted": modules, "indexes_deleted": indexes, "bytes_freed": module_bytes + index_bytes}
 
     # --- routing keys and retrieval chunks -------------------------------------------------------------
 
@@ -544,3 +614,8 @@ def _group_by_modules(picks: list[list[Hit]]) -> dict[tuple[str, ...], list[int]
     for i, hits in enumerate(picks):
         groups.setdefault(tuple(sorted(h.id for h in hits)), []).append(i)
     return groups
+
+
+def _source(document: Document) -> tuple:
+    """Where a document came from, whatever its text: its file and, for JSONL, its line."""
+    return document.path, document.meta.get("line")

@@ -23,6 +23,7 @@ import json
 import logging
 import numbers
 import os
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -388,8 +389,7 @@ class IndexCache:
 
     def get(self, name: str, module_ids: Iterable[str], build: Callable[[], Router]) -> Router:
         """The `name` router of these modules: kept, else loaded from disk, else built by `build` (and saved)."""
-        digest = hashlib.sha256(json.dumps(sorted(module_ids)).encode()).hexdigest()[:12]
-        key = f"{name}-{digest}"
+        key = f"{name}-{_set_digest(module_ids)}"
         if key not in self._routers:
             try:
                 self._routers[key] = Router.load(self.folder / key)
@@ -400,6 +400,23 @@ class IndexCache:
                 except OSError:  # a read-only memory still answers; it rebuilds its index next time
                     pass
         return self._routers[key]
+
+
+    def prune(self, module_ids: Iterable[str]) -> tuple[int, int]:
+        """Delete the saved indexes of every other module set (stale since a write or a forget); returns
+        (indexes deleted, bytes freed)."""
+        current = _set_digest(module_ids)
+        stale = [f for f in self.folder.iterdir() if f.is_dir() and not f.name.endswith(f"-{current}")] \
+            if self.folder.is_dir() else []
+        freed = sum(p.stat().st_size for f in stale for p in f.rglob("*") if p.is_file())
+        for folder in stale:
+            shutil.rmtree(folder, ignore_errors=True)
+            self._routers.pop(folder.name, None)
+        return len(stale), freed
+
+
+def _set_digest(module_ids: Iterable[str]) -> str:
+    return hashlib.sha256(json.dumps(sorted(module_ids)).encode()).hexdigest()[:12]
 
 
 def calibrate(router: Router | Index, in_questions: Sequence[str], out_questions: Sequence[str]) -> float:

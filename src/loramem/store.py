@@ -5,11 +5,17 @@
       modules/<id>/          adapter_config.json, adapter_model.safetensors, examples.jsonl (the facts as given)
                              (+ documents.jsonl: the documents it was written from, for icl and routing)
       tmp/                   modules being written (never read)
+      index/                 routing and retrieval indexes, one per module set (route.IndexCache)
 
 The manifest is the truth: a module exists when its row exists. A commit writes the adapter into
 tmp/, renames it into modules/ and inserts the row in one transaction; a crash at any point leaves
 either no row (the folder is swept at the next open) or a complete module. A new memory is built
 under a temporary name and renamed into place, so a half-created memory is never visible either.
+
+Forgetting is a commit too: a module's row moves to the `retired` table in one transaction (with the row of the
+module that replaces it, when a changed document is written again), so readers see the old set or the new one.
+A retired module's folder stays until `compact` deletes it: a reader that listed the module a moment before
+can still finish its answer.
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ CREATE TABLE modules (
     stats TEXT NOT NULL
 );
 """
+RETIRED = """CREATE TABLE IF NOT EXISTS retired (id TEXT PRIMARY KEY, name TEXT NOT NULL, retired_at TEXT NOT NULL,
+    reason TEXT NOT NULL)"""
 
 
 @dataclass
@@ -105,6 +113,7 @@ class Store:
         try:
             with sqlite3.connect(tmp / MANIFEST) as db:
                 db.executescript(SCHEMA)
+                db.execute(RETIRED)
                 db.executemany("INSERT INTO meta VALUES (?, ?)", [
                     ("format_version", FORMAT_VERSION),
                     ("base_model", base_model),
@@ -172,14 +181,29 @@ class Store:
         """The documents a module was written from (none for modules written from facts)."""
         return [Document(**row) for row in _read_jsonl(self.module_dir(module_id) / DOCUMENTS_FILE)]
 
+    def sources(self) -> list[dict]:
+        """Every document the modules were written from: path, id (its content hash), title, and the modules
+        written from it with their dates."""
+        rows: dict[tuple, dict] = {}
+        for m in self.modules():
+            for d in self.documents(m.id):
+                row = rows.setdefault((d.path, d.id), {"path": d.path, "id": d.id, "title": d.title, "modules": []})
+                row["modules"].append({"id": m.id, "name": m.name, "created_at": m.created_at})
+        return list(rows.values())
+
+    def size(self, module_id: str) -> int:
+        """Bytes on disk of a module's folder."""
+        return _size(self.module_dir(module_id))
+
     def staging_dir(self) -> Path:
         """A fresh folder under tmp/ to write a module into before commit."""
         tmp = self.path / "tmp" / uuid.uuid4().hex
         tmp.mkdir(parents=True)
         return tmp
 
-    def commit(self, staged: Path, record: ModuleRecord) -> None:
-        """Move a fully written module folder into place and add its manifest row, atomically."""
+    def commit(self, staged: Path, record: ModuleRecord, retire: list[str] = ()) -> None:
+        """Move a fully written module folder into place and add its manifest row, atomically; the modules in
+        `retire` (those it replaces) leave the manifest in the same transaction."""
         target = self.module_dir(record.id)
         for file in staged.rglob("*"):  # on disk before the row that lists them (a power cut, not just a kill)
             if file.is_file():
@@ -187,6 +211,9 @@ class Store:
         db = self._connect()
         try:
             with db:  # one transaction: the row becomes visible only if the rename succeeded
+                db.execute(RETIRED)
+                db.execute("DELETE FROM retired WHERE id = ?", (record.id,))  # written again before a compact
+                _retire(db, retire, f"replaced by {record.id}")
                 db.execute(
                     "INSERT INTO modules VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (record.id, record.name, record.created_at, record.base_model,
@@ -203,6 +230,37 @@ class Store:
             raise LoramemError(f"module {record.id} is already in {self.path}") from None
         finally:
             db.close()
+
+    def retire(self, module_ids: list[str], reason: str) -> None:
+        """Take modules out of the manifest in one transaction (their folders stay until `compact`)."""
+        db = self._connect()
+        try:
+            with db:
+                db.execute(RETIRED)
+                _retire(db, module_ids, reason)
+        finally:
+            db.close()
+
+    def retired(self) -> list[str]:
+        with self._connect() as db:
+            found = db.execute("SELECT name FROM sqlite_master WHERE name = 'retired'").fetchone()
+            ids = [row[0] for row in db.execute("SELECT id FROM retired")] if found else []
+        db.close()
+        return ids
+
+    def compact(self) -> tuple[int, int]:
+        """Writers only: delete the retired modules' folders; returns (folders deleted, bytes freed)."""
+        ids = self.retired()
+        freed = sum(_size(self.module_dir(i)) for i in ids)
+        for module_id in ids:
+            shutil.rmtree(self.module_dir(module_id), ignore_errors=True)
+        db = self._connect()
+        try:
+            with db:
+                db.executemany("DELETE FROM retired WHERE id = ?", [(i,) for i in ids])
+        finally:
+            db.close()
+        return len(ids), freed
 
     def update_stats(self, module_id: str, extra: dict) -> None:
         """Merge `extra` into a committed module's stats (nested dicts merged one level deep), in one transaction."""
@@ -229,9 +287,23 @@ class Store:
         with self._connect() as db:
             known = {row[0] for row in db.execute("SELECT id FROM modules")}
         db.close()
+        known |= set(self.retired())  # kept for readers until compact
         for folder in modules.iterdir():
             if folder.name not in known:
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+def _retire(db: sqlite3.Connection, module_ids, reason: str) -> None:
+    for module_id in module_ids:
+        row = db.execute("SELECT name FROM modules WHERE id = ?", (module_id,)).fetchone()
+        if row is None:
+            raise LoramemError(f"no module {module_id!r} to retire")
+        db.execute("DELETE FROM modules WHERE id = ?", (module_id,))
+        db.execute("INSERT OR REPLACE INTO retired VALUES (?, ?, ?, ?)", (module_id, row[0], now(), reason))
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
 def write_module_files(staged: Path, examples: list[Example], documents: list[Document]) -> None:

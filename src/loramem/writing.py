@@ -52,12 +52,16 @@ def module_locality(memory, record, general_base: list[str]) -> dict:
 def write_documents(path: Path, files: list[Path], synth, lora: LoraSpec, train_spec: TrainSpec, *,
                     model: str | None = None, prompt: str | None = None, generator: str = "hf",
                     generator_model: str | None = None, base_url: str | None = None, one_module: bool = False,
-                    strict: bool = False, executor=None, progress: bool = True, check_locality: bool = True,
+                    strict: bool = False, sync: bool = False, executor=None, progress: bool = True,
+                    check_locality: bool = True,
                     on_skip: Callable[[str, str], None] = lambda where, reason: None,
                     on_module: Callable[[int, int, object], None] = lambda i, total, record: None) -> dict:
     """Read documents and folders (unreadable or empty ones skipped, reported to `on_skip`, unless `strict`), then
     write a module per document (or one for all) into the memory at `path`; `on_module(i, total, record)` as each
     is committed. Nothing is written when no document is readable or the generator gives no usable data.
+    A document read from the same file as an earlier one but with other text replaces its module (retired in the
+    new module's commit); the modules of documents gone from the folders are reported as `removed`, and with
+    `sync` forgotten in one commit after the writes (a folder that is not the memory's source is refused first).
     `synth` is a SynthSpec or a synth.selfstudy.SelfStudySpec. With `check_locality` each module's locality check
     (module_locality) is recorded and reported in its row."""
     from loramem.corpus import read_documents
@@ -71,7 +75,12 @@ def write_documents(path: Path, files: list[Path], synth, lora: LoraSpec, train_
         on_skip(where, reason)
     if not docs:
         raise LoramemError(f"no readable documents in {', '.join(map(str, files))} ({len(skipped)} skipped)")
+    docs = [replace(d, path=str(Path(d.path).resolve())) if d.path else d for d in docs]  # found from anywhere
     memory = Memory.open(path, model=model, create=True, prompt=prompt)
+    folders = [f for f in files if Path(f).is_dir()]
+    if sync and not folders:
+        raise LoramemError("--sync needs a folder: it forgets the modules of documents no longer in it")
+    removed = memory.removed_sources(folders, docs, sync) if folders and memory.store is not None else []
     gen = choose_generator(generator, memory, generator_model, base_url, synth.formats)
     rows, empty = [], 0
     general_base: list[str] = []  # the base model's answers to the general questions, asked once for every module
@@ -87,4 +96,9 @@ def write_documents(path: Path, files: list[Path], synth, lora: LoraSpec, train_
         on_module(i, total, record)
     if not rows:
         raise LoramemError("the generator gave no usable training data for any document; nothing written")
-    return {"memory": str(path), "documents": len(docs), "skipped": len(skipped), "no_data": empty, "modules": rows}
+    if sync:
+        memory.retire(removed, "its document was removed from " + ", ".join(map(str, folders)))
+    gone = [{"module": m.id, "name": m.name, "documents": [d.path for d in memory.store.documents(m.id)]}
+            for m in removed]
+    return {"memory": str(path), "documents": len(docs), "skipped": len(skipped), "no_data": empty, "modules": rows,
+            "removed": gone, "forgotten": sync and bool(gone)}

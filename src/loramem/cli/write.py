@@ -32,6 +32,8 @@ def write(
                                         "the package's general questions with and without it (locality.py); the "
                                         "share changed and the ROUGE-L change are kept with the module"),
     one_module: bool = typer.Option(False, "--one-module", help="one module for all documents"),
+    sync: bool = typer.Option(False, "--sync", help="documents: also forget the modules of documents no longer in "
+                              "the given folders (changed documents are always rewritten, their old modules retired)"),
     shard_tokens: str = typer.Option("0", help="facts: one module per this many tokens of facts (0: one module), "
                                      "or auto: as many as one module of this spec was measured to hold"),
     capacity: Optional[Path] = typer.Option(None, help="with --shard-tokens auto: measured capacity, a memory folder "
@@ -72,11 +74,19 @@ def write(
         synth = study if fmt == "self-study" else replace(synth, formats=fmt)
         out = write_documents(memory, files, synth, lora, train_spec, model=model, prompt=prompt,
                               generator=generator, generator_model=generator_model, base_url=base_url,
-                              one_module=one_module, strict=strict, executor=make_executor(executor, address),
+                              one_module=one_module, strict=strict, sync=sync,
+                              executor=make_executor(executor, address),
                               progress=not as_json, on_module=written, check_locality=check_locality,
                               on_skip=lambda where, why: notices.print(f"[yellow]skipped[/] {where}: {why}",
                                                                        highlight=False))
-        print_json(out) if as_json else table(f"wrote {memory}", out["modules"])
+        if as_json:
+            print_json(out)
+            return
+        table(f"wrote {memory}", out["modules"])
+        for gone in out["removed"]:
+            what = "forgotten" if sync else "still in memory (--sync forgets it)"
+            notices.print(f"[yellow]removed[/] {', '.join(map(str, gone['documents']))}: module {gone['name']} "
+                          f"{what}", highlight=False)
         return
     _write_facts(memory, files, phonebook, data_dir, model, prompt, name, shard_tokens, capacity or Path(memory),
                  threshold, lora, train_spec, make_executor(executor, address), as_json)
@@ -129,10 +139,30 @@ def ask(
 
 @app.command()
 def inspect(memory: Path = typer.Argument(...), as_json: bool = JsonOpt):
-    """List MEMORY's modules: base model, spec, parameters, training tokens, recall, date."""
+    """List MEMORY's modules (base model, spec, parameters, training tokens, recall, date) and the documents they
+    were written from (path, content hash, modules, date)."""
     from loramem.store import Store
 
     store = Store.open(memory)
+    rows = module_rows(store)
+    documents = [{"document": d["path"] or d["title"], "id": d["id"], "modules": ", ".join(m["name"] for m in d["modules"]),
+                  "written": max(m["created_at"] for m in d["modules"])} for d in store.sources()]
+    if as_json:
+        print_json({"memory": str(memory), "base_model": store.base_model, "modules": rows, "documents": documents,
+                    "retired": len(store.retired())}, ran=False)
+        return
+    if rows:
+        table(f"{memory} ({store.base_model})", rows)
+    else:
+        console.print(f"{memory}: no modules ({store.base_model})")
+    if documents:
+        table("documents", documents)
+    if store.retired():
+        console.print(f"{len(store.retired())} retired modules on disk (`loramem compact` deletes them)")
+
+
+def module_rows(store) -> list[dict]:
+    """What inspect (and the server's page) shows of each module."""
     rows = [{
         "id": m.id, "name": m.name, "base": m.base_model, "rank": m.lora_spec["rank"],
         "targets": m.lora_spec["targets"], "layers": m.lora_spec["layers"], "params": m.trainable_params,
@@ -141,12 +171,36 @@ def inspect(memory: Path = typer.Argument(...), as_json: bool = JsonOpt):
     } | _locality_columns(m.stats) for m in store.modules()]
     if any("locality_changed" in row for row in rows):  # one table: modules without the check show blanks
         rows = [row | {key: row.get(key) for key in ("locality_changed", "locality_delta")} for row in rows]
+    return rows
+
+
+@app.command()
+def forget(
+    memory: Path = typer.Argument(...),
+    module: Optional[str] = typer.Option(None, help="the module's id, id prefix or name"),
+    document: Optional[str] = typer.Option(None, help="a document's path or id: every module written from it"),
+    as_json: bool = JsonOpt,
+):
+    """Forget a module, or every module written from a document, in one commit: asked afterwards, MEMORY answers as
+    if it had never been written (`loramem compact` deletes the files)."""
+    from loramem.memory import Memory
+
+    gone = Memory.open(memory).forget(module, document)
+    rows = [{"module": m.id, "name": m.name, "facts": m.n_examples} for m in gone]
+    print_json({"memory": str(memory), "forgotten": rows}, ran=False) if as_json else table(f"forgot from {memory}", rows)
+
+
+@app.command()
+def compact(memory: Path = typer.Argument(...), as_json: bool = JsonOpt):
+    """Delete MEMORY's retired modules (forgotten or replaced) and its stale indexes; report what was freed."""
+    from loramem.memory import Memory
+
+    freed = Memory.open(memory).compact()
     if as_json:
-        print_json({"memory": str(memory), "base_model": store.base_model, "modules": rows}, ran=False)
-    elif rows:
-        table(f"{memory} ({store.base_model})", rows)
+        print_json({"memory": str(memory)} | freed, ran=False)
     else:
-        console.print(f"{memory}: no modules ({store.base_model})")
+        console.print(f"{memory}: deleted {freed['modules_deleted']} retired modules and {freed['indexes_deleted']} "
+                      f"stale indexes, freed {freed['bytes_freed'] / 1e6:.1f} MB", highlight=False)
 
 
 def _locality_columns(stats: dict) -> dict:

@@ -78,6 +78,12 @@ def first_trainable_layer(model) -> int:
     return first or 0
 
 
+def trainable_layers(model) -> int:
+    """How many decoder layers have a trainable parameter."""
+    return len({m[1] for name, p in model.named_parameters() if p.requires_grad
+                and (m := re.search(r"\.layers\.(\d+)\.", name))})
+
+
 @torch.no_grad()
 def cache_frozen_layers(model, encoded: list[Encoded], layer: int, bf16: bool, batch_size: int = 64,
                         row_tokens: int = ROW_TOKENS) -> None:

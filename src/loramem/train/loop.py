@@ -26,7 +26,7 @@ from loramem.examples import Example
 from loramem.precision import autocast, use_bf16
 from loramem.train.distill import distill_layers, distill_loss, teacher_targets
 from loramem.train.forward import (cache_frozen_layers, causal_lm, first_trainable_layer, supervised_logits,
-                                   supervised_outputs)
+                                   supervised_outputs, trainable_layers)
 from loramem.train.pack import Batch, Encoded, encode, pack
 from loramem.train.score import examples_recalled, exact_check, recall
 
@@ -235,6 +235,7 @@ def train(model, tokenizer, examples: list[Example], spec: TrainSpec, progress: 
 
     if not examples:
         raise LoramemError("no training examples")
+    spec = spec.with_lr_for(trainable_layers(model))  # Memory.write resolves it first (module ids hash it)
     encoded = encode(tokenizer, examples)
     bf16 = use_bf16(spec.precision, model)
     if spec.objective == "distill":
