@@ -40,6 +40,7 @@ from loramem.models import (
     same_base,
 )
 from loramem.examples import Example, data_hash, even_shards
+from loramem.precision import requested
 from loramem.prompts import check_style, documents_context, fit_context, module_context, render_example, render_prompt
 from loramem.route import Hit, IndexCache, Router, make_router
 from loramem.store import MANIFEST, ModuleRecord, Store, now, write_module_files, writer_lock
@@ -177,6 +178,8 @@ class Memory:
         trained_on = [render_example(base.tokenizer, e, self.prompt) for e in examples]  # stored plain, trained styled
         lora = self._placed(lora, trained_on, train_spec)
         train_spec = train_spec.with_lr_for(len(lora.layer_indices(base.num_layers) or range(base.num_layers)))
+        # LORAMEM_PRECISION in the spec (as `--precision` puts it): the same run hashes alike from the CLI and the API
+        train_spec = replace(train_spec, precision=requested(train_spec.precision))
         distill = train_spec.objective == "distill"
         teacher_prompts = self._teacher_prompts(examples, documents) if distill else ()
         module_id = hashlib.sha256(json.dumps(
