@@ -36,6 +36,11 @@ def memories(tiny, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(memories):
+    yield from running(memories)
+
+
+def running(memories):
+    """A real uvicorn over `memories` on a free port, with the API key: yields (base URL of /v1, the service)."""
     app = create_app(memories, api_key=KEY)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -222,3 +227,99 @@ def test_bad_documents_jobs(server, path, body, status, message):
 def test_unknown_job_is_404(server):
     response = httpx.get(server[0] + "/jobs/nope", headers={"Authorization": f"Bearer {KEY}"})
     assert response.status_code == 404
+
+
+# --- the life cycle as jobs: forget, sync; the memories' listing; the page -------------------------------------
+
+SHARDS = [FACTS, OTHER]
+GEARS = "# Gears\nZorblat engines use quantum gears built in Oslo.\n"
+QUIX = "Mira Tan designed the first Quix engine in 1984.\n"
+
+
+@pytest.fixture(scope="module")
+def changing(tiny, tmp_path_factory):
+    """A memory of two fact shards and one written from a folder of two documents, served."""
+    from loramem.synth import SynthSpec
+    from loramem.writing import write_documents
+
+    root = tmp_path_factory.mktemp("lifecycle")
+    shards = Memory.open(root / "shards.mem", create=True, base=tiny)
+    for i, text in enumerate(SHARDS):
+        shards.write(facts_from_text(text), lora=LoraSpec(rank=8, layers="all"), train_spec=FAST, name=f"shard-{i}",
+                     progress=False)
+    folder = root / "docs"
+    folder.mkdir()
+    (folder / "a.md").write_text(GEARS)
+    (folder / "b.txt").write_text(QUIX)
+    (root / "other").mkdir()
+    (root / "other" / "c.txt").write_text(QUIX)
+    write_documents(root / "docs.mem", [folder], SynthSpec(formats="original"), LoraSpec(rank=4), TrainSpec(epochs=2),
+                    model="tiny", check_locality=False, progress=False)
+    memories = {"shards": shards, "docs": Memory.open(root / "docs.mem", base=tiny)}
+    for url, service in running(memories):
+        yield root, httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60), service
+
+
+def _finished(http, job: dict) -> dict:
+    deadline = time.monotonic() + 120
+    while (job := http.get(f"/jobs/{job['id']}").json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    return job
+
+
+def _listing(http) -> dict:
+    return {m["name"]: m for m in http.get("/memories").json()["data"]}
+
+
+def test_a_forget_job_retires_the_module_and_the_memory_answers_as_before_it(changing):
+    _, http, _ = changing
+    before = _listing(http)["shards"]
+    assert [m["name"] for m in before["modules"]] == ["shard-0", "shard-1"] and before["modules"][0]["bytes"] > 0
+    job = _finished(http, http.post("/memories/shards/forget", json={"module": "shard-0"}).json())
+    assert job["status"] == "done" and job["kind"] == "forget" and [m["name"] for m in job["forgotten"]] == ["shard-0"]
+    assert [m["name"] for m in _listing(http)["shards"]["modules"]] == ["shard-1"]
+    question = {"model": "shards", "messages": [{"role": "user", "content": QUESTION}]}
+    reply = http.post("/chat/completions", json=question).json()
+    base = http.post("/chat/completions", json=question | {"loramem": {"mode": "base"}}).json()
+    assert reply["loramem"]["module_names"] == ["shard-1"]  # the one module left, not the forgotten facts'
+    assert not reply["choices"][0]["message"]["content"].startswith("705-882-9365")
+    assert base["choices"][0]["message"]["content"] != ""
+
+
+def test_a_sync_job_rewrites_changed_documents_and_forgets_removed_ones(changing):
+    root, http, _ = changing
+    before = _listing(http)["docs"]
+    (root / "docs" / "a.md").write_text(GEARS.replace("Oslo", "Bergen"))
+    (root / "docs" / "b.txt").unlink()
+    body = {"folder": str(root / "docs"), "format": "original", "epochs": 2, "rank": 4}
+    job = _finished(http, http.post("/memories/docs/sync", json=body).json())
+    assert job["status"] == "done" and job["kind"] == "sync", job
+    assert [m["name"] for m in job["modules"]] == ["Gears"] and [m["name"] for m in job["forgotten"]] == ["b"]
+    after = _listing(http)["docs"]
+    assert [m["name"] for m in after["modules"]] == ["Gears"] and after["retired"] == 2
+    assert after["modules"][0]["id"] not in {m["id"] for m in before["modules"]}
+    assert [d["document"] for d in after["documents"]] == [str((root / "docs" / "a.md").resolve())]
+
+
+@pytest.mark.parametrize("path,body,message", [
+    ("/memories/shards/forget", {"module": "nothing"}, "no module 'nothing'"),
+    ("/memories/shards/forget", {"document": "nowhere.md"}, "no document 'nowhere.md'"),
+    ("/memories/shards/forget", {}, "forget needs a module or a document"),
+    ("/memories/docs/sync", {"folder": "{root}/other"}, "is not the source of any document"),
+    ("/memories/docs/sync", {"folder": "{root}/missing"}, "is not a folder"),
+])
+def test_bad_life_cycle_jobs_are_400_and_change_nothing(changing, path, body, message):
+    root, http, _ = changing
+    before = _listing(http)
+    response = http.post(path, json={k: v.format(root=root) for k, v in body.items()})
+    assert response.status_code == 400 and message in response.json()["error"]["message"], response.text
+    assert _listing(http) == before
+
+
+def test_the_page_is_served_without_the_key_and_the_api_is_not(changing):
+    _, http, _ = changing
+    page = httpx.get(str(http.base_url).removesuffix("/v1/") + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'id="ask-form"' in page.text and "textContent" in page.text
+    assert httpx.get(str(http.base_url) + "memories").status_code == 401

@@ -356,7 +356,7 @@ class Memory:
         if self.store is None:
             raise LoramemError(f"{self.path} has no modules yet; nothing to forget")
         with writer_lock(self.path):
-            gone = [self.store.get(module)] if module is not None else self._written_from(document)
+            gone = [self.store.get(module)] if module is not None else self.written_from(document)
             self.store.retire([m.id for m in gone], "forgotten")
         return gone
 
@@ -366,7 +366,8 @@ class Memory:
             with writer_lock(self.path):
                 self.store.retire([m.id for m in modules], reason)
 
-    def _written_from(self, document: str) -> list[ModuleRecord]:
+    def written_from(self, document: str) -> list[ModuleRecord]:
+        """The modules written from a document, given by its path or its id (or an id prefix of 4 or more)."""
         path = str(Path(document).resolve())
         found = [m for m in self.modules()
                  if any(d.path in (path, document) or (len(document) >= 4 and d.id.startswith(document))

@@ -4,7 +4,11 @@
     POST /v1/chat/completions            model = a memory: the last user message is the question, answered
                                          through Memory.ask_many; options in the extra body field "loramem"
     POST /v1/memories/{name}/documents   write documents into a memory as a background job
-    GET  /v1/jobs/{id}                   that job's progress
+    POST /v1/memories/{name}/sync        a job: rewrite a folder's changed documents, forget its removed ones
+    POST /v1/memories/{name}/forget      a job: forget a module, or every module written from a document
+    GET  /v1/jobs/{id}                   a job's progress
+    GET  /v1/memories                    each memory's modules and documents (what `loramem inspect` shows)
+    GET  /                               a page over all of it: the memories, and an ask box (page.html)
 
 Every memory shares its base model object with the others of the same base and with the writer, and answering
 merges modules into the weights in place, so all model work takes one lock: answers run in one thread (the
@@ -33,7 +37,7 @@ from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -53,6 +57,7 @@ MAX_TOKENS_LIMIT = 1024
 DEFAULT_BATCH_WINDOW = 0.005  # seconds the batcher waits for another question before answering those it has
 DEFAULT_MAX_BATCH = AskSpec.batch_size  # questions per ask_many call (ask_many's own generation batch)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+PAGE = Path(__file__).with_name("page.html")  # served at / without the API key: it holds no data, asks for the key
 
 
 # --- errors: OpenAI's shape {"error": {"message", "type", "code"}} -------------------------------------------
@@ -185,8 +190,10 @@ class Job:
     id: str
     memory: str
     documents: int
+    kind: str = "documents"  # documents, sync or forget
     status: str = "queued"  # queued, running, done, failed
     modules: list[dict] = field(default_factory=list)  # the modules written so far
+    forgotten: list[dict] = field(default_factory=list)  # the modules a sync or a forget retired
     no_data: int = 0  # documents the generator gave no usable training data for
     error: str | None = None
     created_at: float = field(default_factory=time.time)
@@ -215,11 +222,12 @@ class JobRunner:
         self._queue.put(None)
         self._thread.join(timeout=1)  # a job still training is cut off: commits are atomic, nothing half-written
 
-    def submit(self, memory: str, documents: int, steps) -> Job:
-        """`steps()` returns the write's iterator of (record, reports), one item per module."""
-        job = Job(uuid.uuid4().hex, memory, documents)
+    def submit(self, memory: str, documents: int, steps, finish=None, kind: str = "documents") -> Job:
+        """`steps()` returns the write's iterator of (record, reports), one item per module; `finish()`, run last
+        under the model lock, returns the rows of the modules it retired."""
+        job = Job(uuid.uuid4().hex, memory, documents, kind)
         self._jobs[job.id] = job
-        self._queue.put((job, steps))
+        self._queue.put((job, steps, finish))
         return job
 
     def get(self, job_id: str) -> Job | None:
@@ -229,7 +237,7 @@ class JobRunner:
         while (item := self._queue.get()) is not None:
             self._run(*item)
 
-    def _run(self, job: Job, steps) -> None:
+    def _run(self, job: Job, steps, finish) -> None:
         job.status = "running"
         try:
             for record, _reports in self._one_module_at_a_time(steps()):
@@ -238,8 +246,11 @@ class JobRunner:
                 else:
                     job.modules.append({"id": record.id, "name": record.name, "examples": record.n_examples,
                                         "recall": record.recall, "train_seconds": record.train_seconds})
-            if not job.modules:
+            if job.documents and not job.modules:
                 raise LoramemError("the generator gave no usable training data for any document; nothing written")
+            if finish is not None:
+                with self._lock:
+                    job.forgotten = finish()
             job.status = "done"
         except LoramemError as err:
             job.status, job.error = "failed", str(err)
@@ -305,9 +316,7 @@ class DocumentIn(BaseModel):
     title: str | None = None
 
 
-DocumentsRequest = create_model(
-    "DocumentsRequest", __config__=FORBID,
-    documents=(list[DocumentIn], Field(min_length=1)),
+WRITE_FIELDS = dict(
     format=(str, Field("qa", description="synthetic data formats: original, qa, summary, rewrite or a mix (qa+summary), "
                                         "or self-study (prompts answered by the model that reads the document)")),
     one_module=(bool, Field(False, description="one module for all the documents")),
@@ -316,6 +325,18 @@ DocumentsRequest = create_model(
     generator_model=(str | None, None),
     **settings_fields_of([SynthSpec, SelfStudySpec, LoraSpec, TrainSpec]),
 )
+DocumentsRequest = create_model("DocumentsRequest", __config__=FORBID,
+                                documents=(list[DocumentIn], Field(min_length=1)), **WRITE_FIELDS)
+SyncRequest = create_model("SyncRequest", __config__=FORBID, **WRITE_FIELDS, folder=(str, Field(
+    description="a folder on the server's machine that the memory was written from: its changed documents are "
+                "rewritten (their old modules retired), its removed ones forgotten")))
+
+
+class ForgetRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    module: str | None = Field(None, description="a module's id, id prefix or name")
+    document: str | None = Field(None, description="a document's path or id: every module written from it")
 
 
 # --- the service: memories, options, answers ----------------------------------------------------------------
@@ -393,6 +414,47 @@ class Service:
         documents = [Document.from_text(d.text, title=d.title) for d in request.documents]
         if any(not d.text.strip() for d in documents):
             raise ApiError(400, "a document has no text")
+        return self._write_job(name, memory, documents, request)
+
+    def submit_sync(self, name: str, request: SyncRequest) -> Job:
+        """A folder written again: checked and read now (a folder that is not the memory's source is a 400 and
+        changes nothing), written one module at a time, the removed documents' modules retired last."""
+        from loramem.writing import forget_removed, read_sources, removed_sources
+
+        memory, folder = self.memory(name), Path(request.folder)
+        if not folder.is_dir():
+            raise ApiError(400, f"{folder} is not a folder on this server")
+        documents, _ = read_sources([folder])
+        removed = removed_sources(memory, [folder], documents, sync=True)
+        return self._write_job(name, memory, documents, request, kind="sync",
+                               finish=lambda: forget_removed(memory, removed, [folder]))
+
+    def submit_forget(self, name: str, request: ForgetRequest) -> Job:
+        memory = self.memory(name)
+        if (request.module is None) == (request.document is None):
+            raise ApiError(400, "forget needs a module or a document, not both")
+        if memory.store is None:
+            raise ApiError(400, f"memory {name!r} has no modules yet; nothing to forget")
+        memory.store.get(request.module) if request.module else memory.written_from(request.document)  # 400 now
+
+        def forget() -> list[dict]:
+            return [{"id": m.id, "name": m.name} for m in memory.forget(request.module, request.document)]
+
+        return self.jobs.submit(name, 0, lambda: iter(()), forget, kind="forget")
+
+    def describe(self) -> list[dict]:
+        from loramem.store import describe
+
+        rows = []
+        for name in self.memories:
+            memory = self.memory(name)
+            held = describe(memory.store) if memory.store else {"base_model": memory.model_name, "modules": [],
+                                                                 "documents": [], "retired": 0}
+            rows.append({"name": name, "path": str(memory.path), "prompt": memory.prompt} | held)
+        return rows
+
+    def _write_job(self, name: str, memory: Memory, documents: list[Document], request, kind: str = "documents",
+                   finish=None) -> Job:
         values = request.model_dump()
         lora, train_spec = build_settings(LoraSpec, values), build_settings(TrainSpec, values)
         if request.format == "self-study":  # its recipe where the request left the training fields out
@@ -405,7 +467,7 @@ class Service:
         generator = choose_generator(request.generator, memory, request.generator_model, formats=synth.formats,
                                      own_model_only=True)
         return self.jobs.submit(name, len(documents), lambda: memory.write_documents(
-            documents, synth, generator, lora, train_spec, request.one_module, progress=False))
+            documents, synth, generator, lora, train_spec, request.one_module, progress=False), finish, kind)
 
 
 # --- HTTP ---------------------------------------------------------------------------------------------------
@@ -418,7 +480,7 @@ class ApiKeyMiddleware:
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
+        if scope["type"] == "http" and scope["path"] != "/":  # the page itself holds no data
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 response = error_response(401, "missing or wrong API key: send Authorization: Bearer KEY",
@@ -509,6 +571,22 @@ def create_app(memories: dict[str, Memory], api_key: str | None = None, max_body
     def add_documents(name: str, request: DocumentsRequest):
         return service.submit_documents(name, request).to_dict()
 
+    @app.post("/v1/memories/{name}/sync", status_code=202)
+    def sync_folder(name: str, request: SyncRequest):
+        return service.submit_sync(name, request).to_dict()
+
+    @app.post("/v1/memories/{name}/forget", status_code=202)
+    def forget(name: str, request: ForgetRequest):
+        return service.submit_forget(name, request).to_dict()
+
+    @app.get("/v1/memories")
+    def list_memories():
+        return {"object": "list", "data": service.describe()}
+
+    @app.get("/", response_class=HTMLResponse)
+    def page():
+        return PAGE.read_text(encoding="utf-8")
+
     @app.get("/v1/jobs/{job_id}")
     def job_status(job_id: str):
         job = service.jobs.get(job_id)
@@ -561,7 +639,8 @@ def _completion(model: str, reply: Reply, max_new_tokens: int) -> dict:
         "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
                   "total_tokens": reply.prompt_tokens + reply.completion_tokens},
         "loramem": {"mode": answer.mode, "modules": answer.modules, "module_names": reply.module_names,
-                    "module_scores": answer.module_scores, "chunks": answer.chunks, "timing": answer.timing,
+                    "module_scores": answer.module_scores, "module_weights": answer.module_weights,
+                    "supplied_by": answer.supplied_by, "chunks": answer.chunks, "timing": answer.timing,
                     "seconds": answer.seconds, "batch": reply.batch},
     }
 

@@ -293,6 +293,30 @@ class Store:
                 shutil.rmtree(folder, ignore_errors=True)
 
 
+def describe(store: Store) -> dict:
+    """What `loramem inspect` and the server's page show of a memory: each module (spec, placement, parameters,
+    recall on its own data, locality where measured, size on disk) and each document with its modules."""
+    modules = [{
+        "id": m.id, "name": m.name, "base": m.base_model, "rank": m.lora_spec["rank"],
+        "targets": m.lora_spec["targets"], "layers": m.lora_spec["layers"], "params": m.trainable_params,
+        "facts": m.n_examples, "train_tokens": m.train_tokens, "recall": m.recall,
+        "precision": m.stats.get("precision"), "created": m.created_at,
+    } | _locality_columns(m.stats) | {"bytes": store.size(m.id)} for m in store.modules()]
+    if any("locality_changed" in row for row in modules):  # one table: modules without the check show blanks
+        modules = [row | {key: row.get(key) for key in ("locality_changed", "locality_delta")} for row in modules]
+    documents = [{"document": d["path"] or d["title"], "id": d["id"], "title": d["title"],
+                  "modules": ", ".join(m["name"] for m in d["modules"]),
+                  "written": max(m["created_at"] for m in d["modules"])} for d in store.sources()]
+    return {"base_model": store.base_model, "modules": modules, "documents": documents, "retired": len(store.retired())}
+
+
+def _locality_columns(stats: dict) -> dict:
+    """The write-time locality check (locality.py), when the module has one: share of unrelated answers changed,
+    and their ROUGE-L change."""
+    general = stats.get("locality", {}).get("general")
+    return {"locality_changed": general["changed"], "locality_delta": general["delta"]} if general else {}
+
+
 def _retire(db: sqlite3.Connection, module_ids, reason: str) -> None:
     for module_id in module_ids:
         row = db.execute("SELECT name FROM modules WHERE id = ?", (module_id,)).fetchone()

@@ -64,23 +64,14 @@ def write_documents(path: Path, files: list[Path], synth, lora: LoraSpec, train_
     `sync` forgotten in one commit after the writes (a folder that is not the memory's source is refused first).
     `synth` is a SynthSpec or a synth.selfstudy.SelfStudySpec. With `check_locality` each module's locality check
     (module_locality) is recorded and reported in its row."""
-    from loramem.corpus import read_documents
     from loramem.memory import Memory
     from loramem.synth import GENERATORS, choose_generator
 
     if generator not in GENERATORS:  # before reading anything
         raise LoramemError(f"unknown generator {generator!r}: choose {' or '.join(GENERATORS)}")
-    docs, skipped = read_documents(files, strict=strict)
-    for where, reason in skipped:
-        on_skip(where, reason)
-    if not docs:
-        raise LoramemError(f"no readable documents in {', '.join(map(str, files))} ({len(skipped)} skipped)")
-    docs = [replace(d, path=str(Path(d.path).resolve())) if d.path else d for d in docs]  # found from anywhere
+    docs, skipped = read_sources(files, strict, on_skip)
     memory = Memory.open(path, model=model, create=True, prompt=prompt)
-    folders = [f for f in files if Path(f).is_dir()]
-    if sync and not folders:
-        raise LoramemError("--sync needs a folder: it forgets the modules of documents no longer in it")
-    removed = memory.removed_sources(folders, docs, sync) if folders and memory.store is not None else []
+    removed = removed_sources(memory, files, docs, sync)
     gen = choose_generator(generator, memory, generator_model, base_url, synth.formats)
     rows, empty = [], 0
     general_base: list[str] = []  # the base model's answers to the general questions, asked once for every module
@@ -96,9 +87,43 @@ def write_documents(path: Path, files: list[Path], synth, lora: LoraSpec, train_
         on_module(i, total, record)
     if not rows:
         raise LoramemError("the generator gave no usable training data for any document; nothing written")
-    if sync:
-        memory.retire(removed, "its document was removed from " + ", ".join(map(str, folders)))
-    gone = [{"module": m.id, "name": m.name, "documents": [d.path for d in memory.store.documents(m.id)]}
-            for m in removed]
+    gone = forget_removed(memory, removed, files) if sync else removed_rows(memory, removed)
     return {"memory": str(path), "documents": len(docs), "skipped": len(skipped), "no_data": empty, "modules": rows,
             "removed": gone, "forgotten": sync and bool(gone)}
+
+
+def read_sources(files: list[Path], strict: bool = False,
+                 on_skip: Callable[[str, str], None] = lambda where, reason: None) -> tuple[list, list]:
+    """The documents of files and folders, each with its file's absolute path (how a later write of the same
+    folder finds it again, from any working directory), and what was skipped; none readable is an error."""
+    from loramem.corpus import read_documents
+
+    docs, skipped = read_documents(files, strict=strict)
+    for where, reason in skipped:
+        on_skip(where, reason)
+    if not docs:
+        raise LoramemError(f"no readable documents in {', '.join(map(str, files))} ({len(skipped)} skipped)")
+    return [replace(d, path=str(Path(d.path).resolve())) if d.path else d for d in docs], skipped
+
+
+def removed_sources(memory, files: list[Path], docs: list, sync: bool) -> list:
+    """The modules of documents gone from the folders among `files` (Memory.removed_sources); checked before
+    anything is written, so a sync of a folder that is not the memory's source changes nothing."""
+    folders = [f for f in files if Path(f).is_dir()]
+    if sync and not folders:
+        raise LoramemError("--sync needs a folder: it forgets the modules of documents no longer in it")
+    return memory.removed_sources(folders, docs, sync) if folders and memory.store is not None else []
+
+
+def removed_rows(memory, removed: list) -> list[dict]:
+    return [{"module": m.id, "name": m.name, "documents": [d.path for d in memory.store.documents(m.id)]}
+            for m in removed]
+
+
+def forget_removed(memory, removed: list, files: list[Path]) -> list[dict]:
+    """A sync's last step: the removed documents' modules retired in one commit; a row each."""
+    present = {m.id for m in memory.modules()}
+    removed = [m for m in removed if m.id in present]  # a module replaced meanwhile is retired already
+    rows = removed_rows(memory, removed)
+    memory.retire(removed, "its document was removed from " + ", ".join(map(str, files)))
+    return rows

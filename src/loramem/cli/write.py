@@ -141,37 +141,21 @@ def ask(
 def inspect(memory: Path = typer.Argument(...), as_json: bool = JsonOpt):
     """List MEMORY's modules (base model, spec, parameters, training tokens, recall, date) and the documents they
     were written from (path, content hash, modules, date)."""
-    from loramem.store import Store
+    from loramem.store import Store, describe
 
     store = Store.open(memory)
-    rows = module_rows(store)
-    documents = [{"document": d["path"] or d["title"], "id": d["id"], "modules": ", ".join(m["name"] for m in d["modules"]),
-                  "written": max(m["created_at"] for m in d["modules"])} for d in store.sources()]
+    held = describe(store)
     if as_json:
-        print_json({"memory": str(memory), "base_model": store.base_model, "modules": rows, "documents": documents,
-                    "retired": len(store.retired())}, ran=False)
+        print_json({"memory": str(memory)} | held, ran=False)
         return
-    if rows:
-        table(f"{memory} ({store.base_model})", rows)
+    if held["modules"]:
+        table(f"{memory} ({store.base_model})", held["modules"])
     else:
         console.print(f"{memory}: no modules ({store.base_model})")
-    if documents:
-        table("documents", documents)
-    if store.retired():
-        console.print(f"{len(store.retired())} retired modules on disk (`loramem compact` deletes them)")
-
-
-def module_rows(store) -> list[dict]:
-    """What inspect (and the server's page) shows of each module."""
-    rows = [{
-        "id": m.id, "name": m.name, "base": m.base_model, "rank": m.lora_spec["rank"],
-        "targets": m.lora_spec["targets"], "layers": m.lora_spec["layers"], "params": m.trainable_params,
-        "facts": m.n_examples, "train_tokens": m.train_tokens, "recall": m.recall,
-        "precision": m.stats.get("precision"), "created": m.created_at,
-    } | _locality_columns(m.stats) for m in store.modules()]
-    if any("locality_changed" in row for row in rows):  # one table: modules without the check show blanks
-        rows = [row | {key: row.get(key) for key in ("locality_changed", "locality_delta")} for row in rows]
-    return rows
+    if held["documents"]:
+        table("documents", [{k: v for k, v in d.items() if k != "title"} for d in held["documents"]])
+    if held["retired"]:
+        console.print(f"{held['retired']} retired modules on disk (`loramem compact` deletes them)")
 
 
 @app.command()
@@ -201,13 +185,6 @@ def compact(memory: Path = typer.Argument(...), as_json: bool = JsonOpt):
     else:
         console.print(f"{memory}: deleted {freed['modules_deleted']} retired modules and {freed['indexes_deleted']} "
                       f"stale indexes, freed {freed['bytes_freed'] / 1e6:.1f} MB", highlight=False)
-
-
-def _locality_columns(stats: dict) -> dict:
-    """The write-time locality check (locality.py), when the module has one: share of unrelated answers changed,
-    and their ROUGE-L change."""
-    general = stats.get("locality", {}).get("general")
-    return {"locality_changed": general["changed"], "locality_delta": general["delta"]} if general else {}
 
 
 @app.command()
