@@ -94,6 +94,11 @@ def test_select_lets_each_row_answer_and_keeps_the_surest_whole_answer():
     # question 0: block 0 "0 EOS" mean log(0.9)/2 against block 1 "2 EOS" log(0.8)/2: block 0;
     # question 1: block 0 "0 1" mean (log 0.6 + log 0.5)/2 against block 1 "EOS" log 1 = 0: block 1, an empty answer
     assert answer.tolist() == [[0, 3], [3, 0]] and supplied == [[0], []]
+    # the router's weight is the prior: at weights (0.2, 0.8) question 0 takes block 1 (-0.33 against -1.66)
+    tipped = Composer("select", torch.tensor([[0.2, 0.8], [0.5, 0.5]]))
+    for p in steps:
+        tipped((p + 1e-12).log())
+    assert tipped.answers(generated, eos_token_id=3)[1] == [[1], []]
 
 
 def test_mixture_weights_are_the_softmax_of_router_scores():
