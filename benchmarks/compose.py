@@ -1,13 +1,16 @@
 """PhoneBook sectors: several modules composed in output space (mix, select) against weight merges and top-1.
 
     python benchmarks/compose.py --memory runs/compose.mem [--count 4] [--sector 2K] [--questions N] [--json]
+    python benchmarks/compose.py --memory runs/compose.mem --latency 32 [--rounds 3]
 
 Writes (or, when already written, reuses) one rank-4 module per PhoneBook sector (the 128K file cut into `--count`
 sectors of `--sector` tokens, the defaults' recipe) through Memory.write, then asks every sector's questions
 through Memory.ask_many with: the router's top 1; its top 3 composed by `mix`, `select` and `select-token`, and merged by TIES
 and by the linear average, for each router (dense, bm25, hybrid); and the gold module forced to the third of three
 places (two other sectors first, all at score 1), composed and merged. Exact match of the phone number, seconds per
-question, and for composed answers the share of answer tokens supplied by the gold module.
+question, and for composed answers the share of answer tokens supplied by the gold module. `--latency N` instead
+times N questions answered at batch 1 and at batch 16 (after a warm-up, median of `--rounds`): one module (the
+oracle's), the dense top 3 composed by each combination, and RAG's top 3 passages with the base weights.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -44,6 +48,25 @@ def score(memory, asked, gold_ids, **ask) -> dict:
     return row
 
 
+def latency(memory, asked, gold, combinations, rounds: int) -> list[dict]:
+    settings = [("one module (oracle)", dict(mode="lora", router="oracle", gold=gold))]
+    settings += [(f"top 3 {how} (dense)", dict(mode="multi", router="dense", top_k=3, merge=how)) for how in combinations]
+    settings.append(("rag top 3 (dense), base weights", dict(mode="rag", router="dense", top_k=3)))
+    rows = []
+    for batch in (1, 16):
+        for name, ask in settings:
+            memory.ask_many([e.question for e in asked[:2]], batch_size=batch, **ask | (
+                {"gold": gold[:2]} if "gold" in ask else {}))  # warm-up: indexes, factors, merges
+            times = []
+            for _ in range(rounds):
+                started = time.perf_counter()
+                memory.ask_many([e.question for e in asked], batch_size=batch, **ask)
+                times.append((time.perf_counter() - started) / len(asked))
+            rows.append({"setting": name, "batch": batch, "seconds_per_question": statistics.median(times)})
+    one = {r["batch"]: r["seconds_per_question"] for r in rows if r["setting"].startswith("one module")}
+    return [r | {"vs_one_module": r["seconds_per_question"] / one[r["batch"]]} for r in rows]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--memory", type=Path, required=True)
@@ -52,22 +75,39 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=None, help="per sector (default: all)")
     parser.add_argument("--routers", default="dense,bm25,hybrid")
     parser.add_argument("--data-dir", default=os.environ.get("LORAMEM_DATA"))
+    parser.add_argument("--combinations", default=",".join(COMBINATIONS))
+    parser.add_argument("--latency", type=int, default=0, help="time this many questions instead")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    combinations = args.combinations.split(",")
     parts = pb.sectors(pb.load("128K", args.data_dir), args.sector, args.count)
     memory = Memory.open(args.memory, create=True)
     ids = written(memory, parts)
     per = args.questions or len(parts[0])
     asked = [e for part in parts for e in part[:per]]
     gold = [ids[i] for i, part in enumerate(parts) for _ in part[:per]]
+    if args.latency:
+        step = max(1, len(asked) // args.latency)  # spread over the sectors
+        picked = list(range(0, len(asked), step))[: args.latency]
+        rows = latency(memory, [asked[i] for i in picked], [gold[i] for i in picked],
+                       [c for c in combinations if c in ("mix", "select", "select-token")], args.rounds)
+        result = {"hardware": hardware(), "precision": resolve(), "questions": len(picked), "rows": rows}
+        if args.json:
+            print(json.dumps(result, indent=1))
+        else:
+            for r in rows:
+                print(f"{r['setting']:34s} batch {r['batch']:2d}  {r['seconds_per_question']:.4f} s/q  "
+                      f"{r['vs_one_module']:.2f}x one module")
+        return
     rows = [{"setting": "top 1", "router": "oracle", **score(memory, asked, gold, mode="lora", router="oracle",
                                                             gold=gold)}]
     for router in args.routers.split(","):
         rows.append({"setting": "top 1", "router": router, **score(memory, asked, gold, mode="lora", router=router)})
-        for how in COMBINATIONS:
+        for how in combinations:
             rows.append({"setting": f"top 3 {how}", "router": router,
                          **score(memory, asked, gold, mode="multi", router=router, top_k=3, merge=how)})
-    for how in COMBINATIONS:  # gold third of three: per sector, the two next sectors' modules before it
+    for how in combinations:  # gold third of three: per sector, the two next sectors' modules before it
         results = []
         for i, part in enumerate(parts):
             order = [ids[(i + 1) % len(ids)], ids[(i + 2) % len(ids)], ids[i]]

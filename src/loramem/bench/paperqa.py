@@ -155,9 +155,10 @@ def run(memory, papers: list[Paper], formats: list[str], synth_spec, generator, 
 def run_routing(memory, papers: list[Paper], fmt: str, synth_spec, generator, lora: LoraSpec | None = None,
                 train_spec: TrainSpec | None = None, router: str = "dense", merges: tuple[str, ...] = (
                     "ties", "linear", "dare_ties", "cat"), max_merged: int = 5, judge: Judge | None = None,
-                progress: bool = True) -> dict:
-    """One module per paper: oracle and routed answers against one module on all papers, merge methods over
-    the router's top 3, and TIES merges of the gold module with 0..max_merged-1 others."""
+                progress: bool = True, rag: bool = False) -> dict:
+    """One module per paper: oracle and routed answers against one module on all papers, merge methods (or output
+    compositions, mix.COMPOSITIONS) over the router's top 3, and TIES merges of the gold module with
+    0..max_merged-1 others; with `rag`, the routed top 1 and every method again with the top 3 passages."""
     from loramem.route import recall_at_k
 
     lora, train_spec = lora or LoraSpec(rank=16), train_spec or TrainSpec()
@@ -180,6 +181,12 @@ def run_routing(memory, papers: list[Paper], fmt: str, synth_spec, generator, lo
     top = min(3, len(papers))
     for method in merges:
         rows.append(row(f"{method} over top {top} ({router})", mode="multi", router=router, top_k=top, merge=method))
+    if rag:
+        rows.append(row("rag top 3 (base model)", mode="rag", router=router, top_k=3))
+        rows.append(row(f"routed top-1 ({router}) + rag", mode="lora+rag", router=router, top_k=3))
+        for method in merges:
+            rows.append(row(f"{method} over top {top} ({router}) + rag", mode="multi+rag", router=router, top_k=top,
+                            merge=method))
     for n in range(2, min(max_merged, len(papers)) + 1):
         answers = []
         for i, paper in enumerate(papers):  # the gold module and the next n-1 papers' modules

@@ -132,8 +132,10 @@ def bench_paperqa_multi(
     fmt: str = typer.Option("qa", "--format", help="training format of each paper's module"),
     papers: Optional[str] = PapersOpt,
     router: str = typer.Option("dense", help="router for the merges over the top 3"),
-    merges: str = typer.Option("ties,linear,dare_ties,cat", help="merge methods to compare, comma-separated"),
+    merges: str = typer.Option("ties,linear,dare_ties,cat,select,mix", help="merge methods and output compositions to "
+                               "compare, comma-separated"),
     max_merged: int = typer.Option(5, help="merge the gold module with up to this many modules in all"),
+    rag: bool = typer.Option(False, help="also the routed top 1 and every method with the top 3 passages"),
     generator: str = GeneratorOpt,
     generator_model: Optional[str] = GeneratorModelOpt,
     base_url: Optional[str] = BaseUrlOpt,
@@ -152,16 +154,19 @@ def bench_paperqa_multi(
     from loramem.bench import get, study_memory
     from loramem.synth import parse_formats
 
+    from loramem.mix import COMPOSITIONS
+
     methods = tuple(m.strip() for m in merges.split(",") if m.strip())
     for method in methods:
-        check_merge_method(method)
+        if method not in COMPOSITIONS:
+            check_merge_method(method)
     parse_formats(fmt)
     bench = get("paperqa-multi")
     chosen = bench.load(papers, data_dir)
     judge = _judge(base_url, judge_model)
     with study_memory(memory, model, prompt) as mem:
         result = bench.run(mem, chosen, fmt, synth, _generator(generator, generator_model, base_url, mem), lora,
-                           train_spec, router, methods, max_merged, judge, progress=not as_json)
+                           train_spec, router, methods, max_merged, judge, progress=not as_json, rag=rag)
     emit(result, out, as_json, f"PaperQA, a module per paper: {len(chosen)} papers, {result['questions']} questions",
          ("setting", "rouge_l", "bleu", "f1", "judge", "s_per_question", "merge_s"))
 
