@@ -243,3 +243,17 @@ def test_the_grid_runs_end_to_end(tiny, tmp_path):
     cells = [(r["context"], r["modules"]) for r in result["rows"]]
     assert cells == [(c, m) for c in ("none", "icl", "rag") for m in ("none", "single", "multi top-1", "multi top-2")]
     assert result["questions"] == 2 and result["modules"] == 2
+
+
+def test_the_top_k_row_is_repeated_for_each_way_of_combining_the_modules(tiny, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(Memory, "ask_many", fake_ask_many(calls))
+    memory = Memory.open(tmp_path / "nqa.mem", create=True, base=tiny)
+    stories = narrativeqa.load(write_stories(tmp_path / "data"))
+    result = narrativeqa.run(memory, stories, "qa", SynthSpec(questions=2), ScriptedGenerator(), LoraSpec(rank=4, layers="all"),
+                             TrainSpec(epochs=1), router="bm25", progress=False, merges=("ties", "select"))
+    assert [r["modules"] for r in result["rows"]][:5] == ["none", "single", "multi top-1", "multi top-2 ties",
+                                                          "multi top-2 select"]
+    assert [(mode, options["merge"]) for _, mode, options in calls if mode.startswith("multi")] == [
+        ("multi", "ties"), ("multi", "select"), ("multi+icl", "ties"), ("multi+icl", "select"),
+        ("multi+rag", "ties"), ("multi+rag", "select")]

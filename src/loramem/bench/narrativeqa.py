@@ -51,8 +51,9 @@ def _parts(story: Story, per: str, tokenizer, chunk_tokens: int) -> list[Documen
 
 def run(memory, stories: list[Story], fmt: str, synth_spec, generator, lora: LoraSpec | None = None,
         train_spec: TrainSpec | None = None, per: str = "story", chunk_tokens: int = 256, router: str = "dense",
-        progress: bool = True) -> dict:
-    """Write a module per story (or per chunk of one), one module for all, then score the whole grid."""
+        progress: bool = True, merges: tuple[str, ...] = ("ties",)) -> dict:
+    """Write a module per story (or per chunk of one), one module for all, then score the whole grid: the top 3
+    combined by each of `merges` (weight merges or output compositions)."""
     from loramem.synth import parse_formats, synthesize
 
     if per not in ("story", "chunk"):
@@ -78,13 +79,15 @@ def run(memory, stories: list[Story], fmt: str, synth_spec, generator, lora: Lor
     references = [refs for s in stories for _, refs in s.questions]
     k3 = min(3, len(memory.modules()))
     weights = {"none": ("base", memory, {"top_k": k3}), "single": ("lora", alone, {"module": single.id}),
-               "multi top-1": ("lora", memory, {"top_k": k3}), f"multi top-{k3}": ("multi", memory, {"top_k": k3})}
+               "multi top-1": ("lora", memory, {"top_k": k3})}
+    weights |= {f"multi top-{k3}" + ("" if merges == ("ties",) else f" {m}"): ("multi", memory, {"top_k": k3, "merge": m})
+                for m in merges}
     rows = []
     for context, suffix in CONTEXTS.items():
         for setting, (mode, target, kw) in weights.items():
             full_mode = mode + suffix if mode != "base" else (suffix.lstrip("+") or "base")
-            answers = target.ask_many(questions, mode=full_mode, router=router, merge="ties",
-                                      max_new_tokens=MAX_NEW_TOKENS, **kw)
+            answers = target.ask_many(questions, mode=full_mode, router=router, max_new_tokens=MAX_NEW_TOKENS,
+                                      **{"merge": "ties"} | kw)
             rows.append({"context": context, "modules": setting,
                          "rouge_l": mean(rouge_l(a.text, refs) for a, refs in zip(answers, references))}
                         | seconds(answers))

@@ -150,16 +150,10 @@ def bench_paperqa_multi(
 ):
     """PaperQA with one module per paper: oracle vs routed vs one module on all papers, merges over the top 3,
     and merging more modules with the gold one."""
-    from loramem.answer import check_merge_method
     from loramem.bench import get, study_memory
     from loramem.synth import parse_formats
 
-    from loramem.mix import COMPOSITIONS
-
-    methods = tuple(m.strip() for m in merges.split(",") if m.strip())
-    for method in methods:
-        if method not in COMPOSITIONS:
-            check_merge_method(method)
+    methods = _methods(merges)
     parse_formats(fmt)
     bench = get("paperqa-multi")
     chosen = bench.load(papers, data_dir)
@@ -179,6 +173,8 @@ def bench_narrativeqa(
     per: str = typer.Option("story", help="a module per story, or per chunk of a story"),
     chunk_tokens: int = typer.Option(256, help="tokens per chunk with --per chunk"),
     router: str = typer.Option("dense", help="router for the routed modules and RAG passages"),
+    merges: str = typer.Option("ties", help="how the top 3 are combined: merge methods or output compositions "
+                               "(select, mix), comma-separated"),
     generator: str = GeneratorOpt,
     generator_model: Optional[str] = GeneratorModelOpt,
     base_url: Optional[str] = BaseUrlOpt,
@@ -200,7 +196,7 @@ def bench_narrativeqa(
     chosen = bench.load(stories, data_dir)
     with study_memory(memory, model, prompt) as mem:
         result = bench.run(mem, chosen, fmt, synth, _generator(generator, generator_model, base_url, mem), lora,
-                           train_spec, per, chunk_tokens, router, progress=not as_json)
+                           train_spec, per, chunk_tokens, router, progress=not as_json, merges=_methods(merges))
     emit(result, out, as_json, f"NarrativeQA: {len(chosen)} stories, {result['questions']} questions, "
          f"{result['modules']} modules ({per})", ("context", "modules", "rouge_l", "s_per_question"))
 
@@ -245,3 +241,15 @@ def bench_self_study(
     emit(result, out, as_json, f"{dataset}: {result['documents']} documents, {result['questions']} questions",
          ("setting", "rouge_l", "write_s_per_doc", "train_s_per_doc", "locality_other_delta",
           "locality_other_changed", "locality_general_delta", "locality_general_changed"))
+
+
+def _methods(merges: str) -> tuple[str, ...]:
+    """Comma-separated merge methods and output compositions, each checked."""
+    from loramem.answer import check_merge_method
+    from loramem.mix import COMPOSITIONS
+
+    methods = tuple(m.strip() for m in merges.split(",") if m.strip())
+    for method in methods:
+        if method not in COMPOSITIONS:
+            check_merge_method(method)
+    return methods
