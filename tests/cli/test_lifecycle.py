@@ -18,7 +18,10 @@ def _write(memory, docs, *flags):
 
 
 def _inspect(memory):
-    return json.loads(loramem("inspect", memory, "--json").stdout)
+    """What `loramem inspect --json` prints (store.describe), read in this process: a subprocess costs seconds."""
+    from loramem.store import Store, describe
+
+    return {"memory": str(memory)} | describe(Store.open(memory))
 
 
 def _docs(root):
@@ -60,7 +63,8 @@ def test_changed_documents_replace_their_modules_removed_ones_go_with_sync_then_
     (docs / "a.md").write_text(GEARS.replace("Oslo", "Bergen"))
     second = {m["name"]: m["module"] for m in _write_here(memory, docs)["modules"]}
     assert second["b"] == first["b"] and second["Gears"] != first["Gears"]  # only the changed one is rewritten
-    listing = _inspect(memory)
+    listing = json.loads(loramem("inspect", memory, "--json").stdout)
+    assert listing == _inspect(memory)
     assert {m["id"] for m in listing["modules"]} == set(second.values()) and listing["retired"] == 1
     assert {d["document"]: d["modules"] for d in listing["documents"]} == {
         str((docs / "a.md").resolve()): "Gears", str((docs / "b.txt").resolve()): "b"}
@@ -81,14 +85,10 @@ def test_changed_documents_replace_their_modules_removed_ones_go_with_sync_then_
     assert _inspect(memory)["modules"] == []
 
 
-@pytest.mark.parametrize("args,message", [
+@pytest.mark.parametrize("args,message", [  # a subprocess each (seconds): the others are checked in this process below
     (["forget", "{mem}", "--module", "nothing"], "no module 'nothing'"),
-    (["forget", "{mem}", "--document", "{tmp}/nowhere.md"], "no document"),
-    (["forget", "{mem}"], "forget needs a module or a document"),
-    (["forget", "{tmp}/nowhere"], "no memory at"),
     (["compact", "{tmp}/nowhere"], "no memory at"),
     (["write", "{mem}", "{tmp}/other", "--format", "original", "--model", "tiny", "--sync"], "is not the source"),
-    (["write", "{mem}", "{tmp}/other/c.txt", "--format", "original", "--model", "tiny", "--sync"], "needs a folder"),
 ])
 def test_bad_life_cycle_input_one_line_exit_2_nothing_changed(written, args, message):
     memory = written / "m.mem"
@@ -106,3 +106,19 @@ def test_forgetting_while_another_process_writes_is_refused(written):
         out = loramem("forget", memory, "--module", "b")
     assert out.returncode == 2 and "is being written" in out.stderr
     assert len(_inspect(memory)["modules"]) == 2
+
+
+def test_more_bad_life_cycle_input_in_this_process(written):
+    from loramem.errors import LoramemError
+    from loramem.memory import Memory
+
+    memory = Memory.open(written / "m.mem")
+    before = _inspect(written / "m.mem")
+    for call, message in [(lambda: memory.forget(document=str(written / "nowhere.md")), "no document"),
+                          (lambda: memory.forget(), "forget needs a module or a document"),
+                          (lambda: Memory.open(written / "nowhere").forget(module="a"), "no memory at"),
+                          (lambda: _write_here(written / "m.mem", written / "other" / "c.txt", sync=True),
+                           "needs a folder")]:
+        with pytest.raises(LoramemError, match=message):
+            call()
+    assert _inspect(written / "m.mem") == before
