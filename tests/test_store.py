@@ -158,6 +158,8 @@ def test_retired_modules_leave_the_manifest_at_once_and_their_folders_at_compact
     with pytest.raises(LoramemError, match="no module 'a' to retire"):
         store.retire(["b", "a"], "forgotten")
     assert [m.id for m in store.modules()] == ["b"]  # one transaction: b stays too
+    assert store.retire(["a", "b"], "forgotten", missing_ok=True) == ["b"]  # a, retired already, is skipped
+    assert store.modules() == [] and sorted(store.retired()) == ["b"]
 
 
 def test_a_commit_retires_the_modules_it_replaces_in_the_same_transaction(tmp_path, monkeypatch):

@@ -247,8 +247,7 @@ class Memory:
             train_tokens=stats.tokens, trainable_params=stats.trainable_params, recall=stats.recall,
             train_seconds=stats.seconds, stats=stats.to_dict(),
         )
-        present = {m.id for m in self.modules()}
-        self.store.commit(staged, record, retire=[i for i in pending.replaces if i in present])
+        self.store.commit(staged, record, retire=pending.replaces)
         return record
 
     def write_shards(self, examples: list[Example], shard_tokens: int, lora: LoraSpec | None = None,
@@ -360,11 +359,13 @@ class Memory:
             self.store.retire([m.id for m in gone], "forgotten")
         return gone
 
-    def retire(self, modules: list[ModuleRecord], reason: str) -> None:
-        """Retire these modules in one commit (a sync's removed documents)."""
-        if modules:
-            with writer_lock(self.path):
-                self.store.retire([m.id for m in modules], reason)
+    def retire(self, modules: list[ModuleRecord], reason: str) -> list[str]:
+        """Retire these modules in one commit (a sync's removed documents); one retired meanwhile (replaced) is
+        skipped. Returns the ids retired."""
+        if not modules:
+            return []
+        with writer_lock(self.path):
+            return self.store.retire([m.id for m in modules], reason, missing_ok=True)
 
     def written_from(self, document: str) -> list[ModuleRecord]:
         """The modules written from a document, given by its path or its id (or an id prefix of 4 or more)."""

@@ -140,9 +140,5 @@ def supplied_by(supplied: list[torch.Tensor], generated: torch.Tensor, eos_token
     if not supplied:
         return [[] for _ in range(generated.shape[0])]
     steps = torch.stack(supplied, dim=1)  # (n, steps)
-    out = []
-    for q in range(generated.shape[0]):
-        tokens = generated[q].tolist()
-        length = tokens.index(eos_token_id) if eos_token_id in tokens else len(tokens)
-        out.append(steps[q, :length].tolist())
-    return out
+    lengths = _lengths(generated, eos_token_id, with_eos=False).tolist()
+    return [steps[q, :length].tolist() for q, length in enumerate(lengths)]

@@ -213,7 +213,7 @@ class Store:
             with db:  # one transaction: the row becomes visible only if the rename succeeded
                 db.execute(RETIRED)
                 db.execute("DELETE FROM retired WHERE id = ?", (record.id,))  # written again before a compact
-                _retire(db, retire, f"replaced by {record.id}")
+                _retire(db, retire, f"replaced by {record.id}", missing_ok=True)  # already gone: nothing to do
                 db.execute(
                     "INSERT INTO modules VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (record.id, record.name, record.created_at, record.base_model,
@@ -231,13 +231,14 @@ class Store:
         finally:
             db.close()
 
-    def retire(self, module_ids: list[str], reason: str) -> None:
-        """Take modules out of the manifest in one transaction (their folders stay until `compact`)."""
+    def retire(self, module_ids: list[str], reason: str, missing_ok: bool = False) -> list[str]:
+        """Take modules out of the manifest in one transaction (their folders stay until `compact`); returns the ids
+        retired. A module not in the manifest is an error, or with `missing_ok` (retired meanwhile) skipped."""
         db = self._connect()
         try:
             with db:
                 db.execute(RETIRED)
-                _retire(db, module_ids, reason)
+                return _retire(db, module_ids, reason, missing_ok)
         finally:
             db.close()
 
@@ -317,13 +318,18 @@ def _locality_columns(stats: dict) -> dict:
     return {"locality_changed": general["changed"], "locality_delta": general["delta"]} if general else {}
 
 
-def _retire(db: sqlite3.Connection, module_ids, reason: str) -> None:
+def _retire(db: sqlite3.Connection, module_ids, reason: str, missing_ok: bool = False) -> list[str]:
+    retired = []
     for module_id in module_ids:
         row = db.execute("SELECT name FROM modules WHERE id = ?", (module_id,)).fetchone()
         if row is None:
+            if missing_ok:
+                continue
             raise LoramemError(f"no module {module_id!r} to retire")
         db.execute("DELETE FROM modules WHERE id = ?", (module_id,))
         db.execute("INSERT OR REPLACE INTO retired VALUES (?, ?, ?, ?)", (module_id, row[0], now(), reason))
+        retired.append(module_id)
+    return retired
 
 
 def _size(path: Path) -> int:

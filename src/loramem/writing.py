@@ -122,8 +122,5 @@ def removed_rows(memory, removed: list) -> list[dict]:
 
 def forget_removed(memory, removed: list, files: list[Path]) -> list[dict]:
     """A sync's last step: the removed documents' modules retired in one commit; a row each."""
-    present = {m.id for m in memory.modules()}
-    removed = [m for m in removed if m.id in present]  # a module replaced meanwhile is retired already
-    rows = removed_rows(memory, removed)
-    memory.retire(removed, "its document was removed from " + ", ".join(map(str, files)))
-    return rows
+    retired = set(memory.retire(removed, "its document was removed from " + ", ".join(map(str, files))))
+    return [row for row in removed_rows(memory, removed) if row["module"] in retired]  # not one replaced meanwhile
