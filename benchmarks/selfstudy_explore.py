@@ -13,6 +13,8 @@ from loramem.config import LoraSpec, TrainSpec
 from loramem.bench import paperqa
 from loramem.synth import HFGenerator
 from loramem.synth.selfstudy import SelfStudySpec, self_study
+from loramem import locality
+from loramem.metrics import mean
 logging.basicConfig(level=logging.WARNING)
 papers = paperqa.load(None, sys.argv[1])
 variants = json.loads(sys.argv[2])
@@ -25,12 +27,18 @@ for v in variants:
     ss = SelfStudySpec(**v.get("ss", {}))
     tr = TrainSpec(**({"epochs": 8, "target_recall": None, "objective": "distill"} | v.get("train", {})))
     lora = LoraSpec(**({"rank": 16, "layers": "late"} | v.get("lora", {})))
-    answers, secs, syn = [], 0.0, 0.0
-    for p in papers:
+    answers, secs, syn, local = [], 0.0, 0.0, []
+    for i, p in enumerate(papers):
         t = time.time(); ex, rep = self_study(p.document(), ss, gen, mem.base, style="chat"); syn += time.time() - t
         rec = mem.write(ex, lora, tr, name=f"p{p.id}", progress=False, documents=[p.document()])
         secs += rec.train_seconds or 0
         answers += [x.text for x in mem.ask_many([q.question for q in p.questions], mode="lora", module=rec.id, max_new_tokens=48)]
+        others = [j for j, q in enumerate(qs) if q not in p.questions]
+        if others:  # the other papers' questions closed book, with this paper's module against without
+            local.append(locality.check(mem, rec.id, [qs[j].question for j in others], [qs[j].answer for j in others],
+                                        [base[j] for j in others], 48))
     s = paperqa.score(answers, qs)
-    print(json.dumps(v), "rouge", round(s["rouge_l"],4), "f1", round(s["f1"],4), "synth_s", round(syn), "train_s", round(secs), rep.produced, flush=True)
+    print(json.dumps(v), "rouge", round(s["rouge_l"],4), "f1", round(s["f1"],4), "synth_s", round(syn), "train_s", round(secs), rep.produced,
+          "locality delta", round(mean(r.delta for r in local), 4) if local else None,
+          "changed", round(mean(r.changed for r in local), 2) if local else None, flush=True)
     print("   sample:", answers[0][:150].replace("\n"," "), "|", answers[5][:150].replace("\n", " "), flush=True)

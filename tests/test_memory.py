@@ -265,7 +265,7 @@ def test_composed_answers_name_their_modules_weights_and_suppliers(tiny, tmp_pat
         assert len(a.modules) == 2 and len(a.module_weights) == 2 and sum(a.module_weights) == pytest.approx(1.0)
         assert len(a.supplied_by) == a.completion_tokens and set(a.supplied_by) <= set(a.modules)
         assert a.timing["decode"] > 0
-    with pytest.raises(LoramemError, match="top_k 3 is more than the 2 modules"):
+    with pytest.raises(LoramemError, match="top-k 3 is more than the 2 modules"):
         memory.ask(questions[0], mode="multi", top_k=3, merge=method)
 
 
@@ -318,3 +318,24 @@ def test_forgetting_while_another_process_writes_is_refused(tiny, tmp_path):
         memory.forget(module="module-1")
     assert len(memory.modules()) == 1
     assert memory.modules()[0].train_spec["lr"] == 1e-2  # the default rate, resolved for its 4 layers and kept
+
+
+@pytest.mark.parametrize("style", ["plain", "chat"])
+def test_an_anchor_is_distilled_from_the_model_without_the_documents(tiny, tmp_path, style):
+    from loramem.corpus import Document
+    from loramem.examples import data_hash
+    from loramem.prompts import closed_book_prompt
+
+    memory = Memory.open(tmp_path / "anchored.mem", create=True, base=tiny, prompt=style)
+    doc = Document.from_text("The Aurora telescope was built in Chile in 1998.", title="aurora")
+    about, general = closed_book_prompt("Where was Aurora built?"), closed_book_prompt("What is the capital of France?")
+    examples = [Example(about, " In Chile."), Example(general, " Paris.", anchor=True)]
+    spec = TrainSpec(objective="distill", epochs=1, target_recall=None, precision="fp32")
+    job, digest = memory._job(examples, [doc], LoraSpec(rank=2, layers="all"), spec)
+    document_view = memory._prompt(about, doc.text) if style == "chat" else None  # plain: the shared context prefix
+    assert job.teacher_prompts == (document_view, memory._prompt(general))  # the anchor's teacher reads no document
+    assert digest != data_hash([examples[0], Example(general, " Paris.")])
+    assert data_hash(examples[:1]) == data_hash([Example(about, " In Chile.", anchor=False)])  # old ids unchanged
+    record = memory.write(examples, LoraSpec(rank=2, layers="all"), spec, name="anchored", documents=[doc],
+                          progress=False)
+    assert memory.examples(record) == examples  # stored with the mark

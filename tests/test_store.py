@@ -143,6 +143,8 @@ def test_a_modules_examples_and_documents_are_written_beside_it_and_read_back(tm
     store.commit(facts_only, record("m2"))
     assert store.examples("m1") == store.examples("m2") == examples
     assert store.documents("m1") == documents and store.documents("m2") == []
+    (store.module_dir("m1") / "documents.jsonl").unlink()  # a committed module's documents are read once
+    assert store.documents("m1") == documents and Store.open(store.path).documents("m1") == []
 
 
 def test_retired_modules_leave_the_manifest_at_once_and_their_folders_at_compact(tmp_path):

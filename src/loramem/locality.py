@@ -39,6 +39,28 @@ GENERAL_QUESTIONS: tuple[tuple[str, str], ...] = (
 )
 MAX_NEW_TOKENS = 32
 
+# General prompts a self-study module is also trained on, with the base model (no document) as their teacher, so
+# that it keeps answering what its documents do not cover as the base model does. Kept apart from the questions
+# the check asks (tests/test_locality.py): a module is never measured on what anchored it.
+ANCHOR_QUESTIONS: tuple[str, ...] = (
+    "What is photosynthesis?", "What is a neural network?", "How does a vaccine work?", "What causes the seasons?",
+    "What is the speed of light?", "Who was Albert Einstein?", "What is machine learning?",
+    "What is the difference between weather and climate?", "How do airplanes fly?", "What is DNA?",
+    "What is an algorithm?", "Why is the ocean salty?", "What is inflation in economics?",
+    "How does the internet work?", "What is a black hole?", "What is the function of the lungs?",
+    "Who invented the telephone?", "What is reinforcement learning?", "What is the theory of evolution?",
+    "How is electricity generated?", "What is a prime number?", "What does a compiler do?",
+    "What is gravity?", "What is the role of a central bank?", "Why do leaves change color in autumn?",
+    "What is a transformer model in machine learning?", "What is the water cycle?", "What is an atom made of?",
+    "How do you calculate the area of a circle?", "What is a database?", "What is the greenhouse effect?",
+    "What was the Industrial Revolution?", "What is probability?", "How does the heart work?",
+    "What is an operating system?", "What is renewable energy?", "What is the Pythagorean theorem?",
+    "What is a planet?", "What is statistics used for?", "What is an earthquake?",
+    "What is a search algorithm?", "What is supervised learning?", "How do bees make honey?",
+    "What is the immune system?", "What is a programming language?", "What is a volcano?",
+    "What is optimization in mathematics?", "What is a hypothesis in science?",
+)
+
 
 @dataclass
 class LocalityReport:

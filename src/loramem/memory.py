@@ -197,11 +197,14 @@ class Memory:
     def _teacher_prompts(self, examples: list[Example], documents) -> tuple[str | None, ...]:
         """With a chat template, the distill teacher reads each question as ICL asks it, the documents inside the
         user turn (train.distill.teacher_targets); plain prompts put them first either way, so they keep the shared
-        prefix."""
-        if self.prompt == "plain" or not documents:
+        prefix. An anchor example's teacher reads its prompt without the documents, in either style."""
+        anchored = any(e.anchor for e in examples)
+        if (self.prompt == "plain" and not anchored) or not documents:
             return ()
         context = documents_context(documents)
-        return tuple(self._prompt(e.prompt, context) if e.prompt.startswith("Question:") else None for e in examples)
+        return tuple(self._prompt(e.prompt) if e.anchor
+                     else self._prompt(e.prompt, context) if self.prompt != "plain" and e.prompt.startswith("Question:")
+                     else None for e in examples)
 
     def _placed(self, lora: LoraSpec, examples: list[Example], train_spec: TrainSpec) -> LoraSpec:
         """The spec with layers "auto" resolved from what the base model does not know of these examples."""
@@ -460,7 +463,7 @@ class Memory:
         if longest > window:  # checked before routing and generation, which would run for minutes
             raise LoramemError(f"question too long: {longest} tokens; this model reads {window} besides its answer")
         if weights == "multi" and merge in COMPOSITIONS and top_k is not None and top_k > len(self.modules()):
-            raise LoramemError(f"top_k {top_k} is more than the {len(self.modules())} modules of {self.path}")
+            raise LoramemError(f"top-k {top_k} is more than the {len(self.modules())} modules of {self.path}")
         started = time.perf_counter()
         picks = self._modules_for(questions, weights, extra, module, router, top_k, gold, threshold, context)
         chunks, passage = self._passages(questions, router, top_k) if extra == "rag" else ([[] for _ in questions], {})

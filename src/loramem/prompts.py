@@ -7,6 +7,7 @@ ask path renders questions (render_prompt) with the context of icl and rag modes
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from loramem.errors import LoramemError
@@ -73,7 +74,7 @@ def render_example(tokenizer, example: Example, style: str) -> Example:
     """A training example in the prompt style (stored examples keep the plain "Question: ... Answer:" form)."""
     if style == "plain" or not example.prompt.startswith("Question:"):
         return example  # plain texts (original, summary, rewrite) are trained as they are in every style
-    return type(example)(render_prompt(tokenizer, example.prompt, style=style), example.answer.strip())
+    return replace(example, prompt=render_prompt(tokenizer, example.prompt, style=style), answer=example.answer.strip())
 
 
 def documents_context(documents: list[Document]) -> str:

@@ -88,6 +88,7 @@ class Store:
 
     def __init__(self, path: Path):
         self.path = path
+        self._documents: dict[str, list[dict]] = {}  # module id -> its documents.jsonl rows (a module never changes)
 
     @classmethod
     def open(cls, path: str | Path) -> Store:
@@ -179,7 +180,12 @@ class Store:
 
     def documents(self, module_id: str) -> list[Document]:
         """The documents a module was written from (none for modules written from facts)."""
-        return [Document(**row) for row in _read_jsonl(self.module_dir(module_id) / DOCUMENTS_FILE)]
+        rows = self._documents.get(module_id)
+        if rows is None:  # read once: writing a folder checks every module's documents for each document written
+            rows = _read_jsonl(self.module_dir(module_id) / DOCUMENTS_FILE)
+            if self.module_dir(module_id).is_dir():  # committed: its files are final
+                self._documents[module_id] = rows
+        return [Document(**row) for row in rows]
 
     def sources(self) -> list[dict]:
         """Every document the modules were written from: path, id (its content hash), title, and the modules
@@ -338,7 +344,8 @@ def _size(path: Path) -> int:
 
 def write_module_files(staged: Path, examples: list[Example], documents: list[Document]) -> None:
     """Write a staged module's examples (and documents, when it has them) beside its adapter, before commit."""
-    _write_jsonl(staged / EXAMPLES_FILE, [{"prompt": e.prompt, "answer": e.answer} for e in examples])
+    _write_jsonl(staged / EXAMPLES_FILE, [{"prompt": e.prompt, "answer": e.answer} | ({"anchor": True} if e.anchor else {})
+                                          for e in examples])
     if documents:
         _write_jsonl(staged / DOCUMENTS_FILE, [asdict(d) for d in documents])
 

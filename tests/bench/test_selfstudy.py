@@ -36,7 +36,8 @@ def test_every_row_and_the_locality_record(tiny, tmp_path):
              study.Item(Document.from_text(B, title="b"), ("Where is the consortium?",), ("Lisbon",))]
     memory = Memory.open(tmp_path / "m", create=True, base=tiny, prompt="chat")
     result = study.run(memory, items, ["self-study", "self-study-ntp"], SynthSpec(),
-                       SelfStudySpec(prompts=3, windows=(32,), answer_tokens=4), Gen(), LoraSpec(rank=2, layers="all"),
+                       SelfStudySpec(prompts=3, kinds="question+continue", windows=(32,), answer_tokens=4), Gen(),
+                       LoraSpec(rank=2, layers="all"),
                        TrainSpec(epochs=1, lr=1e-3, target_recall=None, candidates=0), 4, locality_questions=2)
     settings = [row["setting"] for row in result["rows"]]
     assert settings == ["base", "icl", "rag"] + [f"{m} {c}" for m in ("self-study", "self-study-ntp")

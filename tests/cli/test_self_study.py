@@ -14,7 +14,7 @@ TEXT = ("The Aurora telescope was built in Chile in 1998 by the Northern Sky Con
 def test_self_study_write_distills_in_chat_and_records_locality(tmp_path):
     (tmp_path / "aurora.txt").write_text(TEXT)
     out = loramem("write", tmp_path / "m", tmp_path / "aurora.txt", "--format", "self-study", "--prompts", "3",
-                  "--model", "tiny", "--rank", "2", "--epochs", "1", "--json")
+                  "--kinds", "question+continue", "--model", "tiny", "--rank", "2", "--epochs", "1", "--json")
     assert out.returncode == 0, out.stderr
     [module] = json.loads(out.stdout)["modules"]
     assert module["asked"] == 3 and 0 < module["usable"] <= 3 and 0.0 <= module["locality_changed"] <= 1.0

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from loramem.prompts import closed_book_prompt
 from loramem.corpus import Document
 from loramem.errors import LoramemError
-from loramem.synth.selfstudy import SEED_TYPES, SelfStudySpec, self_study
+from loramem.locality import ANCHOR_QUESTIONS
+from loramem.prompts import render_prompt
+from loramem.answer import generate
+from loramem.synth.selfstudy import DOCUMENT_QUESTIONS, QUESTIONS, SEED_TYPES, SelfStudySpec, self_study
 from tests.synth.conftest import FakeGenerator
 
 TEXT = (
@@ -24,7 +29,7 @@ def _doc(text: str = TEXT) -> Document:
 
 def test_prompts_are_shared_among_kinds_and_answered_by_the_teacher(tiny):
     generator = FakeGenerator(lambda text: "Question: What does the consortium observe?\nmore text")
-    spec = SelfStudySpec(prompts=9, windows=(32, 64), answer_tokens=8)
+    spec = SelfStudySpec(prompts=9, kinds="seed+template+continue", windows=(32, 64), answer_tokens=8)
     examples, report = self_study(_doc(), spec, generator, tiny, style="plain")
     assert report.asked == {"self-study": 9} and sum(report.produced.values()) == len(examples) == 9 - report.skipped_empty
     assert report.produced.get("continue") == 3 and report.produced.get("template", 0) <= 3
@@ -42,11 +47,11 @@ def test_prompts_are_shared_among_kinds_and_answered_by_the_teacher(tiny):
 
 def test_replies_are_cached_and_the_spec_is_in_the_key(tiny):
     generator = FakeGenerator(lambda text: "What is the mirror made of?")
-    spec = SelfStudySpec(prompts=4, windows=(32,), answer_tokens=6)
+    spec = SelfStudySpec(prompts=4, kinds="seed+template", windows=(32,), answer_tokens=6)
     first, report = self_study(_doc(), spec, generator, tiny, style="plain")
     again, cached = self_study(_doc(), spec, generator, tiny, style="plain")
     assert not report.cached and cached.cached and again == first and generator.calls == 1
-    self_study(_doc(), SelfStudySpec(prompts=5, windows=(32,), answer_tokens=6), generator, tiny, style="plain")
+    self_study(_doc(), SelfStudySpec(prompts=5, kinds="seed+template", windows=(32,), answer_tokens=6), generator, tiny, style="plain")
     assert generator.calls == 2
 
 
@@ -55,7 +60,34 @@ def test_kinds_without_the_generator_need_none(tiny):
                                                         answer_tokens=6), None, tiny, style="plain")
     assert set(report.produced) <= {"template", "continue"} and report.produced["continue"] == 3
     with pytest.raises(LoramemError, match="need a generator"):
-        self_study(_doc(), SelfStudySpec(prompts=2, windows=(48,)), None, tiny, style="plain")
+        self_study(_doc(), SelfStudySpec(prompts=2, kinds="question+seed", windows=(48,)), None, tiny, style="plain")
+
+
+def test_question_prompts_ask_about_the_windows_phrases_or_the_whole_document(tiny):
+    examples, report = self_study(_doc(), SelfStudySpec(prompts=12, kinds="question", windows=(32,), answer_tokens=6),
+                                  None, tiny, style="plain")
+    assert report.produced == {"question": 12 - report.skipped_empty} and len(examples) == 12 - report.skipped_empty
+    questions = [e.prompt.removeprefix("Question: ").removesuffix(" Answer:") for e in examples]
+    about_phrases = [q for q in questions if q not in DOCUMENT_QUESTIONS]
+    assert about_phrases and len(about_phrases) < len(questions)  # seed 0 draws both sorts in 12
+    patterns = [re.compile(re.escape(t).replace(re.escape("{phrase}"), "(.+)") + "$") for t in QUESTIONS]
+    phrases = [next(m.group(1) for p in patterns if (m := p.match(q))) for q in about_phrases]
+    assert all(phrase in TEXT for phrase in phrases)  # every phrase asked about is the document's
+    assert not any(e.anchor for e in examples)
+
+
+def test_anchors_are_general_prompts_answered_without_the_document(tiny):
+    spec = SelfStudySpec(prompts=2, kinds="question", windows=(32,), answer_tokens=6, anchors=3)
+    examples, report = self_study(_doc(), spec, None, tiny, style="plain")
+    anchors = [e for e in examples if e.anchor]
+    assert report.produced["anchor"] == len(anchors) == 3 and len(examples) == 5 - report.skipped_empty
+    questions = [e.prompt.removeprefix("Question: ").removesuffix(" Answer:") for e in anchors]
+    assert set(questions) <= set(ANCHOR_QUESTIONS)
+    closed_book = generate(tiny.model, tiny.tokenizer, [render_prompt(tiny.tokenizer, q) for q in questions],
+                           max_new_tokens=6)
+    assert [e.answer for e in anchors] == [" " + a.strip() for a in closed_book]  # the model's own, no document
+    with pytest.raises(LoramemError, match="anchors must be between 0 and 48"):
+        SelfStudySpec(anchors=49)
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -1,14 +1,18 @@
 """Self-study training prompts (Cartridges, Eyuboglu et al. 2025): many prompts about a document, answered by the
 teacher (the model with the document in its prompt), so that no generator-validated answer is needed.
 
-Each prompt is about one window of the document (several window sizes and offsets) and is one of three kinds:
+Each prompt is about one window of the document (several window sizes and offsets) and is one of four kinds:
+- "question":  a question made without any generator, as a reader would ask it: what the text says about a phrase of
+               the window, what a phrase is, or (one in four) a question about the whole document;
 - "seed":      the generator reads the window and writes a request of one of the generic SEED_TYPES (they never
                name the domain); the request is sampled, so the same window gives different prompts;
 - "template":  a prompt made without any generator: what the text says about a phrase of the window, continue a
                passage, fill a gap;
 - "continue":  a continuation pair (Knowledge Modules' DDCD): the end of window k as the cue, the document's own
                next window as the answer.
-The answer of "seed" and "template" prompts is the teacher's greedy reply; "continue" keeps the true text. There
+Beside them go `anchors` general prompts (locality.ANCHOR_QUESTIONS), answered by the model without the document
+and marked as anchors, so that the distilled module learns to leave what its document does not cover as it was.
+The answer of "question", "seed" and "template" prompts is the teacher's greedy reply; "continue" keeps the true text. There
 is no support filter: the distillation objective trains the module to match the teacher on every answer token,
 so a loose answer still carries the teacher's view of the document. Replies are cached like synthetic data.
 
@@ -27,13 +31,14 @@ from loramem.config import setting
 from loramem.corpus import Document, chunk_text, content_id
 from loramem.errors import LoramemError
 from loramem.examples import Example
+from loramem.locality import ANCHOR_QUESTIONS
 from loramem.prompts import closed_book_prompt, render_prompt
 from loramem.synth import cache as disk
 from loramem.synth.parse import content_words
 from loramem.synth.prompts import passages
 
-VERSION = 1  # bump on any change of wording or selection below (it is in cache keys)
-KINDS = ("seed", "template", "continue")
+VERSION = 2  # bump on any change of wording or selection below (it is in cache keys)
+KINDS = ("question", "seed", "template", "continue")
 SEED_TYPES = {
     "structuring": "Ask for one part of the text above to be organised as a short list. Write only the request.",
     "summarization": "Ask for a summary of one part of the text above. Write only the request.",
@@ -46,6 +51,19 @@ TEMPLATES = (
     "Explain {phrase}.",
     "Continue this passage: {sentence}",
     "Fill the gap marked ___: {gapped}",
+)
+QUESTIONS = (
+    "What does the text say about {phrase}?",
+    "According to the text, what is {phrase}?",
+    "What is stated about {phrase} in the text?",
+)
+DOCUMENT_QUESTIONS = (
+    "What is the main idea of the text?",
+    "What problem does the text address?",
+    "What does the text propose or describe?",
+    "What are the key points of the text?",
+    "What is the name of the main subject of the text?",
+    "What conclusion does the text reach?",
 )
 QUESTION_TOKENS = 48
 # How self-study modules are trained (docs/RESULTS.md, "Documents that come back"): distillation at a rate far
@@ -62,7 +80,9 @@ class SelfStudySpec:
     command line's and the server's options are these fields)."""
 
     prompts: int = setting(32, "self-study: prompts per document, shared round-robin among the kinds (at least 1)")
-    kinds: tuple[str, ...] | str = setting(KINDS, "self-study: kinds of prompts, +-joined: " + ", ".join(KINDS))
+    # question alone is the default: on PaperQA papers 0-1 no mix of kinds scored above it, and it needs no generator
+    # (docs/RESULTS.md, "Documents that come back")
+    kinds: tuple[str, ...] | str = setting(("question",), "self-study: kinds of prompts, +-joined: " + ", ".join(KINDS))
     seed_types: tuple[str, ...] | str = setting(tuple(SEED_TYPES), "self-study: the generic requests the generator "
                                                 "is asked for, +-joined: " + ", ".join(SEED_TYPES))
     windows: tuple[int, ...] = setting((128, 256), "window sizes in tokens; windows of each size start every half "
@@ -70,6 +90,8 @@ class SelfStudySpec:
     answer_tokens: int = setting(64, "self-study: longest teacher reply (and continuation) in tokens")
     seed_temperature: float = setting(0.7, "self-study: the generator's sampling temperature for seed prompts (the "
                                       "teacher answers greedily)")
+    anchors: int = setting(0, "self-study: general prompts answered without the document, trained as locality "
+                           "anchors (at most %d)" % len(ANCHOR_QUESTIONS))
     seed: int = setting(0, "picks windows, kinds and phrases, and seeds the generator")
 
     formats = ("self-study",)  # read like SynthSpec.formats by the writers
@@ -81,6 +103,8 @@ class SelfStudySpec:
             raise LoramemError(f"the self-study prompt count must be at least 1, got {self.prompts}")
         if not self.windows or min(self.windows) < 16:
             raise LoramemError(f"self-study windows must be at least 16 tokens, got {self.windows}")
+        if not 0 <= self.anchors <= len(ANCHOR_QUESTIONS):
+            raise LoramemError(f"self-study anchors must be between 0 and {len(ANCHOR_QUESTIONS)}, got {self.anchors}")
         if self.answer_tokens < 1 or self.seed_temperature < 0:
             raise LoramemError("answer_tokens must be at least 1 and seed_temperature at least 0")
 
@@ -140,7 +164,8 @@ def self_study(doc: Document, spec: SelfStudySpec, generator, teacher, style: st
     for row in rows:
         report.produced[row["kind"]] = report.produced.get(row["kind"], 0) + 1
     report.seconds = time.perf_counter() - start
-    return [Example(closed_book_prompt(r["question"]), " " + r["answer"]) for r in rows], report
+    return [Example(closed_book_prompt(r["question"]), " " + r["answer"], anchor=r["kind"] == "anchor")
+            for r in rows], report
 
 
 def _check_fits(doc: Document, spec: SelfStudySpec, teacher) -> None:
@@ -172,6 +197,8 @@ def _rows(doc, spec, windows, generator, teacher, style, report) -> list[dict]:
     for i, (kind, w) in enumerate(plan):
         if kind == "template":
             questions[i] = ("template", _template(windows[w], rng))
+        elif kind == "question":
+            questions[i] = ("question", _question(windows[w], rng))
         elif kind == "continue":
             pair = _continuation(doc, windows[w], spec, teacher.tokenizer)
             if pair:
@@ -182,6 +209,10 @@ def _rows(doc, spec, windows, generator, teacher, style, report) -> list[dict]:
     report.skipped_empty += len(questions) - len(asked)
     prompts = [render_prompt(teacher.tokenizer, q, context=doc.text, style=style) for _, q in asked]
     replies = generate(teacher.model, teacher.tokenizer, prompts, max_new_tokens=spec.answer_tokens, batch_size=8)
+    anchors = [ANCHOR_QUESTIONS[i] for i in sorted(rng.sample(range(len(ANCHOR_QUESTIONS)), spec.anchors))]
+    asked += [("anchor", q) for q in anchors]
+    replies += [] if not anchors else generate(teacher.model, teacher.tokenizer, [render_prompt(teacher.tokenizer, q, style=style) for q in
+                                                           anchors], max_new_tokens=spec.answer_tokens, batch_size=8)
     for (kind, question), reply in zip(asked, replies):
         if reply.strip():
             rows.append({"kind": kind, "question": question, "answer": reply.strip()})
@@ -205,12 +236,24 @@ def _first_line(reply: str) -> str:
     return ""
 
 
+def _phrases(window: str) -> list[str]:
+    return list(dict.fromkeys(p for p in _PHRASE_RE.findall(window) if content_words(p)))
+
+
+def _question(window: str, rng: random.Random) -> str:
+    """A reader's question: about a phrase of the window, or one time in four about the whole document."""
+    phrases = _phrases(window)
+    if not phrases or rng.random() < 0.25:
+        return DOCUMENT_QUESTIONS[rng.randrange(len(DOCUMENT_QUESTIONS))]
+    return QUESTIONS[rng.randrange(len(QUESTIONS))].format(phrase=phrases[rng.randrange(len(phrases))])
+
+
 def _template(window: str, rng: random.Random) -> str:
     sentences = [s for s in passages(window, 400) if len(s.split()) >= 6] or [" ".join(window.split())]
     sentence = sentences[rng.randrange(len(sentences))]
     template = TEMPLATES[rng.randrange(len(TEMPLATES))]
     if "{phrase}" in template:
-        phrases = [p for p in _PHRASE_RE.findall(window) if content_words(p)]
+        phrases = [p for p in _PHRASE_RE.findall(window) if content_words(p)]  # repeats kept: VERSION 1's draws
         if not phrases:
             template, phrases = TEMPLATES[2], [""]
         return template.format(phrase=phrases[rng.randrange(len(phrases))], sentence=sentence)
