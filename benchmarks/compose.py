@@ -2,9 +2,11 @@
 
     python benchmarks/compose.py --memory runs/compose.mem [--count 4] [--sector 2K] [--questions N] [--json]
     python benchmarks/compose.py --memory runs/compose.mem --latency 32 [--rounds 3]
+    python benchmarks/compose.py --memory runs/compose-seed7.mem --seed 7   # sectors of other, generated entries
 
 Writes (or, when already written, reuses) one rank-4 module per PhoneBook sector (the 128K file cut into `--count`
-sectors of `--sector` tokens, the defaults' recipe) through Memory.write, then asks every sector's questions
+sectors of `--sector` tokens, the defaults' recipe; with `--seed`, sectors of PhoneBook entries generated from that
+seed instead, names and numbers the paper's files do not hold) through Memory.write, then asks every sector's questions
 through Memory.ask_many with: the router's top 1; its top 3 composed by `mix`, `select` and `select-token`, and merged by TIES
 and by the linear average, for each router (dense, bm25, hybrid); and the gold module forced to the third of three
 places (two other sectors first, all at score 1), composed and merged. Exact match of the phone number, seconds per
@@ -78,10 +80,13 @@ def main() -> None:
     parser.add_argument("--combinations", default=",".join(COMBINATIONS))
     parser.add_argument("--latency", type=int, default=0, help="time this many questions instead")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=None, help="sectors of entries generated from this seed")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     combinations = args.combinations.split(",")
-    parts = pb.sectors(pb.load("128K", args.data_dir), args.sector, args.count)
+    per_sector = round(pb.parse_size(args.sector) / 1000 * pb.ENTRIES_PER_K)
+    source = pb.load("128K", args.data_dir) if args.seed is None else pb.generate(2 * args.count * per_sector, args.seed)
+    parts = pb.sectors(source, args.sector, args.count)
     memory = Memory.open(args.memory, create=True)
     ids = written(memory, parts)
     per = args.questions or len(parts[0])
@@ -115,6 +120,7 @@ def main() -> None:
         rows.append({"setting": f"gold third, {how}", "router": "forced",
                      **{k: sum(r[k] for r in results) / len(results) for k in results[0]}})
     result = {"hardware": hardware(), "precision": resolve(), "sectors": args.count, "sector_size": args.sector,
+              "seed": args.seed,
               "questions": len(asked), "modules": ids, "rows": rows}
     if args.json:
         print(json.dumps(result, indent=1))

@@ -17,7 +17,7 @@ def test_self_study_write_distills_in_chat_and_records_locality(tmp_path):
                   "--kinds", "question+continue", "--model", "tiny", "--rank", "2", "--epochs", "1", "--json")
     assert out.returncode == 0, out.stderr
     [module] = json.loads(out.stdout)["modules"]
-    assert module["asked"] == 3 and 0 < module["usable"] <= 3 and 0.0 <= module["locality_changed"] <= 1.0
+    assert module["asked"] == 3 and 0 < module["usable"] <= 3 + 16 and 0.0 <= module["locality_changed"] <= 1.0
     shown = json.loads(loramem("inspect", tmp_path / "m", "--json").stdout)["modules"][0]
     assert shown["locality_changed"] == module["locality_changed"]
     assert shown["locality_delta"] == pytest.approx(module["locality_delta"])
@@ -31,6 +31,7 @@ def test_self_study_write_distills_in_chat_and_records_locality(tmp_path):
 
 @pytest.mark.parametrize("text, extra, message", [
     (TEXT, ["--prompts", "0"], "prompt count must be at least 1"),
+    (TEXT, ["--anchors", "-1"], "anchors must be between 0 and 48"),
     ("word " * 2100, ["--prompts", "2"], "more than the model's window"),
 ])
 def test_bad_self_study_writes_are_one_line_errors_and_write_nothing(tmp_path, text, extra, message):

@@ -29,7 +29,7 @@ def _doc(text: str = TEXT) -> Document:
 
 def test_prompts_are_shared_among_kinds_and_answered_by_the_teacher(tiny):
     generator = FakeGenerator(lambda text: "Question: What does the consortium observe?\nmore text")
-    spec = SelfStudySpec(prompts=9, kinds="seed+template+continue", windows=(32, 64), answer_tokens=8)
+    spec = SelfStudySpec(prompts=9, kinds="seed+template+continue", windows=(32, 64), answer_tokens=8, anchors=0)
     examples, report = self_study(_doc(), spec, generator, tiny, style="plain")
     assert report.asked == {"self-study": 9} and sum(report.produced.values()) == len(examples) == 9 - report.skipped_empty
     assert report.produced.get("continue") == 3 and report.produced.get("template", 0) <= 3
@@ -57,14 +57,15 @@ def test_replies_are_cached_and_the_spec_is_in_the_key(tiny):
 
 def test_kinds_without_the_generator_need_none(tiny):
     examples, report = self_study(_doc(), SelfStudySpec(prompts=6, kinds="template+continue", windows=(48,),
-                                                        answer_tokens=6), None, tiny, style="plain")
+                                                        answer_tokens=6, anchors=0), None, tiny, style="plain")
     assert set(report.produced) <= {"template", "continue"} and report.produced["continue"] == 3
     with pytest.raises(LoramemError, match="need a generator"):
         self_study(_doc(), SelfStudySpec(prompts=2, kinds="question+seed", windows=(48,)), None, tiny, style="plain")
 
 
 def test_question_prompts_ask_about_the_windows_phrases_or_the_whole_document(tiny):
-    examples, report = self_study(_doc(), SelfStudySpec(prompts=12, kinds="question", windows=(32,), answer_tokens=6),
+    examples, report = self_study(_doc(), SelfStudySpec(prompts=12, kinds="question", windows=(32,), answer_tokens=6,
+                                                anchors=0),
                                   None, tiny, style="plain")
     assert report.produced == {"question": 12 - report.skipped_empty} and len(examples) == 12 - report.skipped_empty
     questions = [e.prompt.removeprefix("Question: ").removesuffix(" Answer:") for e in examples]
@@ -112,5 +113,5 @@ def test_a_document_without_text_or_longer_than_the_teacher_window_is_refused(ti
 
 def test_a_one_sentence_document_skips_what_it_cannot_make(tiny):
     examples, report = self_study(_doc("A single short sentence about nothing much at all."),
-                                  SelfStudySpec(prompts=2, kinds="continue"), None, tiny, style="plain")
+                                  SelfStudySpec(prompts=2, kinds="continue", anchors=0), None, tiny, style="plain")
     assert examples == [] and report.skipped_empty == 2  # no following text to continue with: counted, no crash
