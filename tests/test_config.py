@@ -95,7 +95,7 @@ def test_first_and_last_layer_sets():
 def test_ask_spec_defaults_and_checks():
     from loramem.config import AskSpec
 
-    assert AskSpec() == AskSpec(mode="lora", router="dense", top_k=None, merge="ties", threshold=None,
+    assert AskSpec() == AskSpec(mode="lora", router="dense", top_k=None, merge="select", threshold=None,
                                 max_new_tokens=24, batch_size=16)
     with pytest.raises(LoramemError, match="unknown mode 'telepathy'"):
         AskSpec(mode="telepathy")
