@@ -3,7 +3,7 @@ PaperQA papers, closed book, chat prompts, against the base model.
 
     OMP_NUM_THREADS=1 python benchmarks/selfstudy_explore.py 0-1 '[{"ss": {"prompts": 64}, "train": {"lr": 1e-3}}]' runs/x.mem
 
-Each variant: {"ss": SelfStudySpec fields, "train": TrainSpec fields (default epochs 8, all run, distill),
+Variants with the same "ss" share their synthesized data (its seconds are counted in each). Each variant: {"ss": SelfStudySpec fields, "train": TrainSpec fields (default epochs 8, all run, distill),
 "lora": LoraSpec fields (default rank 16, layers late)}.
 """
 import json, sys, time, logging
@@ -23,13 +23,17 @@ gen = HFGenerator(mem.base)
 qs = [q for p in papers for q in p.questions]
 base = [x.text for p in papers for x in mem.ask_many([q.question for q in p.questions], mode="base", max_new_tokens=48)]
 print("base", round(paperqa.score(base, qs)["rouge_l"],4), flush=True)
+made = {}
 for v in variants:
     ss = SelfStudySpec(**v.get("ss", {}))
     tr = TrainSpec(**({"epochs": 8, "target_recall": None, "objective": "distill"} | v.get("train", {})))
     lora = LoraSpec(**({"rank": 16, "layers": "late"} | v.get("lora", {})))
     answers, secs, syn, local = [], 0.0, 0.0, []
     for i, p in enumerate(papers):
-        t = time.time(); ex, rep = self_study(p.document(), ss, gen, mem.base, style="chat"); syn += time.time() - t
+        key = (json.dumps(v.get("ss", {}), sort_keys=True), p.id)
+        if key not in made:  # variants that differ only in training share their data
+            t = time.time(); made[key] = self_study(p.document(), ss, gen, mem.base, style="chat") + (time.time() - t,)
+        ex, rep, seconds = made[key]; syn += seconds
         rec = mem.write(ex, lora, tr, name=f"p{p.id}", progress=False, documents=[p.document()])
         secs += rec.train_seconds or 0
         answers += [x.text for x in mem.ask_many([q.question for q in p.questions], mode="lora", module=rec.id, max_new_tokens=48)]

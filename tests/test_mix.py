@@ -12,7 +12,7 @@ from loramem.answer import Caches, generate, generate_composed, modules_applied
 from loramem.errors import LoramemError
 from loramem.answer import adapter_scale, read_adapter
 from loramem.merge import lora_factors, low_rank
-from loramem.mix import Composer, mixture_weights, rows_applied, supplied_by
+from loramem.mix import Composer, first_adapted_layer, mixture_weights, rows_applied, supplied_by
 
 from test_answer import _random_module
 
@@ -53,6 +53,25 @@ def test_each_row_runs_its_own_module(tiny, folders, precision):
     assert [row.tolist() for row in together] == [row.tolist() for row in alone]
     assert len({tuple(row.tolist()) for row in alone}) == 3  # the modules really differ
     assert all("forward" not in m.__dict__ for m in tiny.model.modules())  # restored
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_prompts_shared_up_to_the_first_adapted_layer_answer_as_repeated_rows(tiny, tmp_path, precision):
+    from loramem.precision import autocast
+
+    late = [_prepared(tiny, _random_module(tiny, tmp_path / f"late{i}", seed=20 + i, layers="last1")) for i in range(2)]
+    rows = [late[0], late[0], late[1], None]  # two prompts, each composed over two blocks
+    layers = len(tiny.model.model.layers)
+    assert first_adapted_layer(tiny.model, rows) == layers - 1 and first_adapted_layer(tiny.model, [None]) == layers
+    tiny.tokenizer.padding_side = "left"
+    enc = tiny.tokenizer(PROMPTS, return_tensors="pt", padding=True)  # unequal lengths: padded
+    with autocast(precision == "bf16", torch.device("cpu")), rows_applied(tiny.model, rows):
+        repeated = llama.greedy(tiny.model, enc.input_ids.repeat(2, 1), enc.attention_mask.repeat(2, 1), 8, -1,
+                                tiny.tokenizer.pad_token_id)
+        shared = llama.greedy(tiny.model, enc.input_ids, enc.attention_mask, 8, -1, tiny.tokenizer.pad_token_id,
+                              repeat=2, shared_layers=layers - 1)
+    assert shared.tolist() == repeated.tolist()
+    assert len({tuple(row) for row in shared.tolist()}) == 4  # every row decoded with its own module
 
 
 def _maybe(tiny, folder):

@@ -147,12 +147,13 @@ def generate_composed(model, tokenizer, prompts: list[str], modules: list[list],
     for start in range(0, len(prompts), batch_size):
         asked = range(start, min(len(prompts), start + batch_size))
         began, first = time.perf_counter(), _FirstLogits()
-        enc = tokenizer([prompts[q] for _ in range(k) for q in asked], return_tensors="pt", padding=True).to(device)
+        enc = tokenizer([prompts[q] for q in asked], return_tensors="pt", padding=True).to(device)
         composer = mix.Composer(method, mix.mixture_weights([scores[q] for q in asked]))
-        with mix.rows_applied(model, [modules[q][j] for j in range(k) for q in asked]), autocast(bf16, device), \
-                packed_linears(model) if bf16 else nullcontext():
+        rows = [modules[q][j] for j in range(k) for q in asked]
+        with mix.rows_applied(model, rows), autocast(bf16, device), packed_linears(model) if bf16 else nullcontext():
             ids = llama.greedy(model, enc.input_ids, enc.attention_mask, max_new_tokens, tokenizer.eos_token_id,
-                               tokenizer.pad_token_id, on_prefill=lambda: first(None, None), choose=composer)
+                               tokenizer.pad_token_id, on_prefill=lambda: first(None, None), choose=composer,
+                               repeat=k, shared_layers=mix.first_adapted_layer(model, rows))
         generated, by = composer.answers(ids[:, enc.input_ids.shape[1]:], tokenizer.eos_token_id)
         texts += tokenizer.batch_decode(generated, skip_special_tokens=True)
         supplied += by

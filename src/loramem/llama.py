@@ -236,11 +236,18 @@ def _attention(attn, x: torch.Tensor, step: _Step, cache: list, index: int, c) -
     return attn.o_proj(out.reshape(b, length, -1).contiguous())
 
 
-def _forward(model, ids: torch.Tensor, step: _Step, cache: list) -> torch.Tensor:
-    """The last position's logits after `ids`, extending `cache` (one (keys, values) pair per layer)."""
+def _forward(model, ids: torch.Tensor, step: _Step, cache: list, repeat: tuple[int, int, _Step] | None = None
+             ) -> torch.Tensor:
+    """The last position's logits after `ids`, extending `cache` (one (keys, values) pair per layer). With `repeat`
+    (layer, times, step), the rows run once through the layers before that one and are then repeated `times` over
+    (row j*n + q is row q), hidden states and cache alike, to go on with `step`."""
     c, decoder = model.config, model.model
     h = decoder.embed_tokens(ids)
     for index, layer in enumerate(decoder.layers):
+        if repeat is not None and index == repeat[0]:
+            times, step = repeat[1], repeat[2]
+            h = h.repeat(times, 1, 1)
+            cache[:] = [(k.repeat(times, 1, 1, 1), v.repeat(times, 1, 1, 1)) for k, v in cache]
         h = h + _attention(layer.self_attn, layer.input_layernorm(h), step, cache, index, c)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     return model.lm_head(decoder.norm(h)[:, -1:, :])[:, -1, :]
@@ -257,17 +264,27 @@ def _prefill_mask(attention_mask: torch.Tensor) -> torch.Tensor | None:
 
 @torch.no_grad()
 def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int,
-           pad_token_id: int, on_prefill=None, choose=None) -> torch.Tensor:
+           pad_token_id: int, on_prefill=None, choose=None, repeat: int = 1, shared_layers: int = 0) -> torch.Tensor:
     """The prompts (left-padded) followed by their greedy continuations, as `model.generate(do_sample=False)`
     returns them: rows that reached EOS continue with `pad_token_id`; generation stops when every row has ended or
     after `max_new_tokens`. `on_prefill()` is called once the first new token's logits are computed. `choose(logits)`
     picks every row's next token from all rows' last logits (default: each row's own argmax; loramem.mix gives the
-    rows of one question the token of their combined distributions)."""
+    rows of one question the token of their combined distributions). `repeat` > 1 decodes every prompt `repeat`
+    times (row j*n + q is prompt q), the copies differing only from decoder layer `shared_layers` on (where their
+    modules start), so the prompts' prefill through the layers before it runs once, not `repeat` times."""
     dtype = model.model.embed_tokens.weight.dtype
     padded = not bool(attention_mask.all())
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    prefill_mask = _prefill_mask(attention_mask)
     cache: list = []
-    logits = _forward(model, input_ids, _Step(model, positions, _prefill_mask(attention_mask), dtype), cache)
+    step = _Step(model, positions, prefill_mask, dtype)
+    if repeat > 1:
+        input_ids, attention_mask, positions = (t.repeat(repeat, 1) for t in (input_ids, attention_mask, positions))
+        mask_rows = None if prefill_mask is None else prefill_mask.repeat(repeat, 1, 1, 1)
+        rest = (min(shared_layers, model.config.num_hidden_layers - 1), repeat, _Step(model, positions, mask_rows, dtype))
+        logits = _forward(model, input_ids[: len(input_ids) // repeat], step, cache, rest)
+    else:
+        logits = _forward(model, input_ids, step, cache)
     if on_prefill is not None:
         on_prefill()
     out, unfinished = [input_ids], torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

@@ -65,6 +65,14 @@ def rows_applied(model: torch.nn.Module, row_modules: list[LowRank | None]):
         yield model
 
 
+def first_adapted_layer(model: torch.nn.Module, row_modules: list[LowRank | None]) -> int:
+    """The first decoder layer any row's module changes (the number of layers when none does): the rows of one
+    prompt are the same up to there, so llama.greedy runs that part of the prompt once."""
+    layer_of = {id(linear): i for i, layer in enumerate(model.model.layers) for linear in layer.modules()}
+    touched = [layer_of.get(id(linear), 0) for m in row_modules if m is not None for linear, _, _ in m.terms]
+    return min(touched, default=len(model.model.layers))
+
+
 @dataclass
 class Composer:
     """`choose` for llama.greedy over k blocks of n rows (row j*n + q: question q's j-th module). `mix` and

@@ -38,10 +38,12 @@ def test_every_row_and_the_locality_record(tiny, tmp_path):
     result = study.run(memory, items, ["self-study", "self-study-ntp"], SynthSpec(),
                        SelfStudySpec(prompts=3, kinds="question+continue", windows=(32,), answer_tokens=4), Gen(),
                        LoraSpec(rank=2, layers="all"),
-                       TrainSpec(epochs=1, lr=1e-3, target_recall=None, candidates=0), 4, locality_questions=2)
+                       TrainSpec(epochs=1, lr=1e-3, target_recall=None, candidates=0), 4, locality_questions=2,
+                       merges=("select", "linear"))
     settings = [row["setting"] for row in result["rows"]]
+    routed = [f"{s} {c}" for c in ("closed book", "+ rag") for s in ("routed top 1", "top 2 select", "top 2 linear")]
     assert settings == ["base", "icl", "rag"] + [f"{m} {c}" for m in ("self-study", "self-study-ntp")
-                                                 for c in study.CONTEXTS]
+                                                 for c in [*study.CONTEXTS, *routed]]
     assert result["questions"] == 3 and all(0.0 <= row["rouge_l"] <= 1.0 for row in result["rows"])
     closed = result["rows"][3]
     assert closed["write_s_per_doc"] >= closed["train_s_per_doc"] > 0 and 0 <= closed["locality_other_changed"] <= 1

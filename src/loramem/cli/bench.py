@@ -223,6 +223,8 @@ def bench_self_study(
     model: Optional[str] = ModelOpt,
     data_dir: Optional[Path] = DataDirOpt,
     prompt: str = typer.Option("chat", "--prompt", help="prompt style of the memories (chat: as self-study is meant)"),
+    merges: str = typer.Option("", help="also route every question (dense): the top 1, and the top 3 combined by "
+                               "these merges or compositions, comma-separated (select,linear), closed book and with RAG"),
     memory: Optional[Path] = KeepOpt,
     out: Optional[Path] = OutOpt,
     as_json: bool = JsonOpt,
@@ -237,7 +239,7 @@ def bench_self_study(
     with study_memory(memory, model, prompt) as mem:
         result = bench.run(mem, items, [m.strip() for m in methods.split(",") if m.strip()], synth, study,
                            _generator(generator, generator_model, base_url, mem), lora, train_spec,
-                           items[0].max_new_tokens, progress=not as_json)
+                           items[0].max_new_tokens, progress=not as_json, merges=_methods(merges))
     emit(result, out, as_json, f"{dataset}: {result['documents']} documents, {result['questions']} questions",
          ("setting", "rouge_l", "write_s_per_doc", "train_s_per_doc", "locality_other_delta",
           "locality_other_changed", "locality_general_delta", "locality_general_changed"))
