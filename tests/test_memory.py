@@ -339,3 +339,25 @@ def test_an_anchor_is_distilled_from_the_model_without_the_documents(tiny, tmp_p
     record = memory.write(examples, LoraSpec(rank=2, layers="all"), spec, name="anchored", documents=[doc],
                           progress=False)
     assert memory.examples(record) == examples  # stored with the mark
+
+
+@pytest.mark.parametrize("style", ["plain", "chat"])
+def test_a_passage_prompt_trains_the_question_after_its_passages_against_the_documents_teacher(tiny, tmp_path, style):
+    from loramem.corpus import Document
+    from loramem.examples import data_hash
+    from loramem.prompts import closed_book_prompt
+
+    memory = Memory.open(tmp_path / "passages.mem", create=True, base=tiny, prompt=style)
+    doc = Document.from_text("The Aurora telescope was built in Chile in 1998. It observes galaxies.", title="aurora")
+    about = closed_book_prompt("Where was Aurora built?")
+    examples = [Example(about, " In Chile."), Example(about, " In Chile.", context="It observes galaxies.")]
+    spec = TrainSpec(objective="distill", epochs=1, target_recall=None, precision="fp32")
+    job, digest = memory._job(examples, [doc], LoraSpec(rank=2, layers="all"), spec)
+    assert job.examples[1].prompt == memory._prompt(about, "It observes galaxies.")  # as lora+rag asks it
+    assert job.examples[0].prompt == (about if style == "plain" else memory._prompt(about))
+    teacher = memory._prompt(about, doc.text) if style == "chat" else None
+    assert job.teacher_prompts == ((teacher, teacher) if style == "chat" else ())  # both read the whole document
+    assert digest != data_hash([examples[0], examples[0]])
+    record = memory.write(examples, LoraSpec(rank=2, layers="all"), spec, name="passages", documents=[doc],
+                          progress=False)
+    assert memory.examples(record) == examples  # stored with the passage

@@ -18,17 +18,20 @@ class Example:
 
     With an empty prompt the answer is a plain text trained as given. An `anchor` is a prompt that is not about
     the module's documents: the distillation teacher reads it without them, so the module learns to leave such
-    answers as the base model gives them (self-study's locality anchors).
+    answers as the base model gives them (self-study's locality anchors). A `context` is a passage the module reads
+    before the question, as `lora+rag` answers put retrieved passages there (self-study's passage prompts).
     """
 
     prompt: str
     answer: str
     anchor: bool = False
+    context: str = ""
 
 
 def data_hash(examples: list[Example]) -> str:
     """SHA-256 of the examples in order: part of a module's id, and recorded in its manifest row."""
-    payload = json.dumps([[e.prompt, e.answer] + ([True] if e.anchor else []) for e in examples], ensure_ascii=False)
+    payload = json.dumps([[e.prompt, e.answer] + ([True] if e.anchor else []) + ([e.context] if e.context else [])
+                          for e in examples], ensure_ascii=False)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

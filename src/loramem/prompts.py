@@ -71,10 +71,12 @@ def render_prompt(tokenizer, question: str, context: str | None = None, style: s
 
 
 def render_example(tokenizer, example: Example, style: str) -> Example:
-    """A training example in the prompt style (stored examples keep the plain "Question: ... Answer:" form)."""
-    if style == "plain" or not example.prompt.startswith("Question:"):
+    """A training example in the prompt style (stored examples keep the plain "Question: ... Answer:" form), its
+    context (if any) put before the question as the answering prompts put retrieved passages."""
+    if not example.prompt.startswith("Question:") or (style == "plain" and not example.context):
         return example  # plain texts (original, summary, rewrite) are trained as they are in every style
-    return replace(example, prompt=render_prompt(tokenizer, example.prompt, style=style), answer=example.answer.strip())
+    return replace(example, prompt=render_prompt(tokenizer, example.prompt, example.context or None, style),
+                   answer=example.answer if style == "plain" else example.answer.strip(), context="")
 
 
 def documents_context(documents: list[Document]) -> str:

@@ -345,7 +345,7 @@ def _size(path: Path) -> int:
 def write_module_files(staged: Path, examples: list[Example], documents: list[Document]) -> None:
     """Write a staged module's examples (and documents, when it has them) beside its adapter, before commit."""
     _write_jsonl(staged / EXAMPLES_FILE, [{"prompt": e.prompt, "answer": e.answer} | ({"anchor": True} if e.anchor else {})
-                                          for e in examples])
+                                          | ({"context": e.context} if e.context else {}) for e in examples])
     if documents:
         _write_jsonl(staged / DOCUMENTS_FILE, [asdict(d) for d in documents])
 

@@ -91,6 +91,23 @@ def test_anchors_are_general_prompts_answered_without_the_document(tiny):
         SelfStudySpec(anchors=49)
 
 
+def test_passage_prompts_repeat_answered_questions_with_windows_before_them(tiny):
+    spec = SelfStudySpec(prompts=5, kinds="question", windows=(32,), answer_tokens=6, anchors=1)
+    closed, _ = self_study(_doc(), spec, None, tiny, style="plain")
+    examples, report = self_study(_doc(), SelfStudySpec(prompts=5, kinds="question", windows=(32,), answer_tokens=6,
+                                                        anchors=1, passage_prompts=3), None, tiny, style="plain")
+    passages = [e for e in examples if e.context]
+    assert report.produced["passage"] == len(passages) == 3
+    assert [e for e in examples if not e.context] == closed  # the closed-book prompts are those without the setting
+    questions = [e for e in closed if not e.anchor]
+    assert [(e.prompt, e.answer) for e in passages] == [(e.prompt, e.answer) for e in questions[:3]]
+    for e in passages:  # three windows of the document, one of them holding what the question asks about
+        windows = e.context.split("\n\n")
+        assert len(windows) == 3 and len(set(windows)) == 3 and all(w in TEXT for w in windows)
+    with pytest.raises(LoramemError, match="passage prompts must be between 0 and the prompt count 5, got 6"):
+        SelfStudySpec(prompts=5, passage_prompts=6)
+
+
 @pytest.mark.parametrize("bad, match", [
     ({"prompts": 0}, "prompt count must be at least 1"),
     ({"prompts": -3}, "prompt count must be at least 1"),

@@ -66,6 +66,7 @@ DOCUMENT_QUESTIONS = (
     "What conclusion does the text reach?",
 )
 QUESTION_TOKENS = 48
+PASSAGES = 3  # in a passage prompt's context, as many as RAG retrieves (memory.DEFAULT_TOP_K)
 # How self-study modules are trained (docs/RESULTS.md, "Documents that come back"): distillation at a rate far
 # below the fact-memorising default, for a fixed number of epochs (a distilled module never "recalls" exactly).
 TRAIN_LR = 1e-3
@@ -94,6 +95,9 @@ class SelfStudySpec:
     # 0.005 on NarrativeQA (docs/RESULTS.md)
     anchors: int = setting(16, "self-study: general prompts answered without the document, trained as locality "
                            "anchors (at most %d)" % len(ANCHOR_QUESTIONS))
+    passage_prompts: int = setting(0, "self-study: how many of the teacher-answered prompts are trained a second "
+                                   "time with passages of the document before the question (the window asked about "
+                                   "among %d others), as +rag answers read retrieved passages" % (PASSAGES - 1))
     seed: int = setting(0, "picks windows, kinds and phrases, and seeds the generator")
 
     formats = ("self-study",)  # read like SynthSpec.formats by the writers
@@ -107,6 +111,9 @@ class SelfStudySpec:
             raise LoramemError(f"self-study windows must be at least 16 tokens, got {self.windows}")
         if not 0 <= self.anchors <= len(ANCHOR_QUESTIONS):
             raise LoramemError(f"self-study anchors must be between 0 and {len(ANCHOR_QUESTIONS)}, got {self.anchors}")
+        if not 0 <= self.passage_prompts <= self.prompts:
+            raise LoramemError(f"self-study passage prompts must be between 0 and the prompt count {self.prompts}, "
+                               f"got {self.passage_prompts}")
         if self.answer_tokens < 1 or self.seed_temperature < 0:
             raise LoramemError("answer_tokens must be at least 1 and seed_temperature at least 0")
 
@@ -153,7 +160,7 @@ def self_study(doc: Document, spec: SelfStudySpec, generator, teacher, style: st
         raise LoramemError("self-study seed prompts need a generator; use kinds template+continue without one")
     key = {"text": content_id(doc.text), "format": "self-study", "version": VERSION, "style": style,
            "teacher": teacher.fingerprint["weights_sha256"], "generator": getattr(generator, "name", None),
-           "spec": asdict(spec)}
+           "spec": _key_spec(spec)}
     rows = disk.load(key) if cache else None
     report.cached = rows is not None
     if rows is None:
@@ -166,8 +173,14 @@ def self_study(doc: Document, spec: SelfStudySpec, generator, teacher, style: st
     for row in rows:
         report.produced[row["kind"]] = report.produced.get(row["kind"], 0) + 1
     report.seconds = time.perf_counter() - start
-    return [Example(closed_book_prompt(r["question"]), " " + r["answer"], anchor=r["kind"] == "anchor")
-            for r in rows], report
+    return [Example(closed_book_prompt(r["question"]), " " + r["answer"], anchor=r["kind"] == "anchor",
+                    context=r.get("context", "")) for r in rows], report
+
+
+def _key_spec(spec: SelfStudySpec) -> dict:
+    """The spec as the cache key holds it: a setting at the value that leaves the data as it was before the setting
+    existed is left out, so cached data (and the module ids hashed from it) stay valid."""
+    return {k: v for k, v in asdict(spec).items() if not (k == "passage_prompts" and v == 0)}
 
 
 def _check_fits(doc: Document, spec: SelfStudySpec, teacher) -> None:
@@ -193,34 +206,47 @@ def _rows(doc, spec, windows, generator, teacher, style, report) -> list[dict]:
     rows: list[dict] = []
     seeds = [(i, w) for i, (kind, w) in enumerate(plan) if kind == "seed"]
     requests = _seed_requests([windows[w] for _, w in seeds], spec, generator, rng) if seeds else []
-    questions: dict[int, tuple[str, str]] = {}
-    for (i, _), (seed_type, request) in zip(seeds, requests):
-        questions[i] = ("seed:" + seed_type, request)
+    questions: dict[int, tuple[str, str, int]] = {}
+    for (i, w), (seed_type, request) in zip(seeds, requests):
+        questions[i] = ("seed:" + seed_type, request, w)
     for i, (kind, w) in enumerate(plan):
         if kind == "template":
-            questions[i] = ("template", _template(windows[w], rng))
+            questions[i] = ("template", _template(windows[w], rng), w)
         elif kind == "question":
-            questions[i] = ("question", _question(windows[w], rng))
+            questions[i] = ("question", _question(windows[w], rng), w)
         elif kind == "continue":
             pair = _continuation(doc, windows[w], spec, teacher.tokenizer)
             if pair:
                 rows.append({"kind": "continue", "question": pair[0], "answer": pair[1]})
             else:
                 report.skipped_empty += 1
-    asked = [(k, q) for k, q in questions.values() if q]
+    asked = [(k, q, w) for k, q, w in questions.values() if q]
     report.skipped_empty += len(questions) - len(asked)
-    prompts = [render_prompt(teacher.tokenizer, q, context=doc.text, style=style) for _, q in asked]
+    prompts = [render_prompt(teacher.tokenizer, q, context=doc.text, style=style) for _, q, _ in asked]
     replies = generate(teacher.model, teacher.tokenizer, prompts, max_new_tokens=spec.answer_tokens, batch_size=8)
+    answered = [(kind, q, w, reply.strip()) for (kind, q, w), reply in zip(asked, replies) if reply.strip()]
+    report.skipped_empty += len(asked) - len(answered)
+    rows += [{"kind": kind, "question": q, "answer": reply} for kind, q, _, reply in answered]
     anchors = [ANCHOR_QUESTIONS[i] for i in sorted(rng.sample(range(len(ANCHOR_QUESTIONS)), spec.anchors))]
-    asked += [("anchor", q) for q in anchors]
-    replies += [] if not anchors else generate(teacher.model, teacher.tokenizer, [render_prompt(teacher.tokenizer, q, style=style) for q in
-                                                           anchors], max_new_tokens=spec.answer_tokens, batch_size=8)
-    for (kind, question), reply in zip(asked, replies):
+    rows += [{"kind": "passage", "question": q, "answer": reply, "context": _passages_around(windows, w, rng)}
+             for _, q, w, reply in answered[: spec.passage_prompts]]  # drawn last: the other rows stay as they were
+    replies = [] if not anchors else generate(teacher.model, teacher.tokenizer, [render_prompt(
+        teacher.tokenizer, q, style=style) for q in anchors], max_new_tokens=spec.answer_tokens, batch_size=8)
+    for question, reply in zip(anchors, replies):
         if reply.strip():
-            rows.append({"kind": kind, "question": question, "answer": reply.strip()})
+            rows.append({"kind": "anchor", "question": question, "answer": reply.strip()})
         else:
             report.skipped_empty += 1
     return rows
+
+
+def _passages_around(windows: list[str], asked: int, rng: random.Random) -> str:
+    """A passage prompt's context: the window its question was drawn from among other windows of the document, in
+    a random order, joined as retrieved passages are."""
+    others = [i for i in range(len(windows)) if i != asked]
+    picked = rng.sample(others, min(PASSAGES - 1, len(others))) + [asked]
+    rng.shuffle(picked)
+    return "\n\n".join(windows[i] for i in picked)
 
 
 def _seed_requests(texts: list[str], spec: SelfStudySpec, generator, rng: random.Random) -> list[tuple[str, str]]:
