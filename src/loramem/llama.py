@@ -277,14 +277,12 @@ def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     prefill_mask = _prefill_mask(attention_mask)
     cache: list = []
-    step = _Step(model, positions, prefill_mask, dtype)
-    if repeat > 1:
+    prompt_ids, step, rest = input_ids, _Step(model, positions, prefill_mask, dtype), None
+    if repeat > 1:  # every row from here on is the repeated batch's
         input_ids, attention_mask, positions = (t.repeat(repeat, 1) for t in (input_ids, attention_mask, positions))
         mask_rows = None if prefill_mask is None else prefill_mask.repeat(repeat, 1, 1, 1)
         rest = (min(shared_layers, model.config.num_hidden_layers - 1), repeat, _Step(model, positions, mask_rows, dtype))
-        logits = _forward(model, input_ids[: len(input_ids) // repeat], step, cache, rest)
-    else:
-        logits = _forward(model, input_ids, step, cache)
+    logits = _forward(model, prompt_ids, step, cache, rest)
     if on_prefill is not None:
         on_prefill()
     out, unfinished = [input_ids], torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

@@ -224,20 +224,22 @@ def _rows(doc, spec, windows, generator, teacher, style, report) -> list[dict]:
     report.skipped_empty += len(questions) - len(asked)
     prompts = [render_prompt(teacher.tokenizer, q, context=doc.text, style=style) for _, q, _ in asked]
     replies = generate(teacher.model, teacher.tokenizer, prompts, max_new_tokens=spec.answer_tokens, batch_size=8)
-    answered = [(kind, q, w, reply.strip()) for (kind, q, w), reply in zip(asked, replies) if reply.strip()]
-    report.skipped_empty += len(asked) - len(answered)
-    rows += [{"kind": kind, "question": q, "answer": reply} for kind, q, _, reply in answered]
+    answered = _kept(asked, replies, report)
+    rows += [{"kind": kind, "question": q, "answer": reply} for (kind, q, _), reply in answered]
     anchors = [ANCHOR_QUESTIONS[i] for i in sorted(rng.sample(range(len(ANCHOR_QUESTIONS)), spec.anchors))]
     rows += [{"kind": "passage", "question": q, "answer": reply, "context": _passages_around(windows, w, rng)}
-             for _, q, w, reply in answered[: spec.passage_prompts]]  # drawn last: the other rows stay as they were
+             for (_, q, w), reply in answered[: spec.passage_prompts]]  # drawn last: the other rows stay as they were
     replies = [] if not anchors else generate(teacher.model, teacher.tokenizer, [render_prompt(
         teacher.tokenizer, q, style=style) for q in anchors], max_new_tokens=spec.answer_tokens, batch_size=8)
-    for question, reply in zip(anchors, replies):
-        if reply.strip():
-            rows.append({"kind": "anchor", "question": question, "answer": reply.strip()})
-        else:
-            report.skipped_empty += 1
+    rows += [{"kind": "anchor", "question": q, "answer": reply} for q, reply in _kept(anchors, replies, report)]
     return rows
+
+
+def _kept(asked: list, replies: list[str], report: SelfStudyReport) -> list[tuple]:
+    """(asked, reply stripped) for the teacher's replies that are not empty; the empty ones are counted as skipped."""
+    kept = [(a, reply.strip()) for a, reply in zip(asked, replies) if reply.strip()]
+    report.skipped_empty += len(asked) - len(kept)
+    return kept
 
 
 def _passages_around(windows: list[str], asked: int, rng: random.Random) -> str:
