@@ -43,7 +43,8 @@ def main() -> None:
     plain = llama._forward
     inductor.freezing = True
     compiled = torch.compile(plain, dynamic=True)
-    llama._forward = lambda m, ids, step, cache: (compiled if ids.shape[1] == 1 and cache else plain)(m, ids, step, cache)
+    llama._forward = lambda m, ids, step, cache, plan, *rest: (
+        compiled if ids.shape[1] == 1 and cache else plain)(m, ids, step, cache, plan, *rest)
     start = time.perf_counter()
     run(False)
     compile_s = time.perf_counter() - start

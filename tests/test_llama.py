@@ -60,6 +60,28 @@ def test_greedy_gives_generates_tokens(tiny, bf16_base, precision, rows):
     assert torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-weights"])
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("kind", ["base", "module", "linear"])
+def test_greedy_logits_are_generates_bit_for_bit(tiny, bf16_base, folders, precision, rows, kind):
+    base = bf16_base if precision == "bf16-weights" else tiny
+    enc, bf16 = _encoded(base.tokenizer, PROMPTS[:rows]), precision != "fp32"
+    ours = []
+
+    def keep(logits):
+        ours.append(logits.clone())
+        return logits.to(torch.float32).argmax(-1)
+
+    weights = nullcontext() if kind == "base" else modules_applied(
+        base.model, folders[:1] if kind == "module" else folders, "linear")
+    with weights, autocast(bf16, CPU), packed_linears(base.model) if bf16 and available(CPU) else nullcontext():
+        theirs = base.model.generate(**enc, max_new_tokens=6, do_sample=False, eos_token_id=-1, output_logits=True,
+                                     return_dict_in_generate=True, pad_token_id=base.tokenizer.pad_token_id).logits
+        llama.greedy(base.model, enc.input_ids, enc.attention_mask, 6, -1, base.tokenizer.pad_token_id, choose=keep)
+    assert len(ours) == len(theirs) == 6
+    assert all(torch.equal(mine, their.to(mine.dtype)) for mine, their in zip(ours, theirs))
+
+
 def test_rows_that_end_are_padded_and_all_ended_stops(tiny):
     _, free = _both(tiny.model, tiny.tokenizer, PROMPTS, False, tiny.tokenizer.eos_token_id)
     prompt_len = _encoded(tiny.tokenizer, PROMPTS).input_ids.shape[1]

@@ -142,3 +142,21 @@ def test_a_packed_layer_gives_autocasts_output_for_any_row_count(shape, rows):
         expected = layer(x)
         with packed_linears(torch.nn.Sequential(layer)):
             assert torch.equal(layer(x), expected)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 40])
+@pytest.mark.parametrize("with_module", [False, True])
+def test_a_group_gives_its_layers_outputs_side_by_side(tiny, folders, rows, with_module):
+    from loramem.packed import group
+
+    attn = tiny.model.model.layers[1].self_attn
+    layers = [attn.q_proj, attn.k_proj, attn.v_proj]
+    x = torch.randn(1, rows, layers[0].in_features, generator=torch.Generator().manual_seed(rows))
+    weights = modules_applied(tiny.model, folders[:1], "linear") if with_module else nullcontext()
+    with weights, autocast(True, torch.device("cpu")), packed_linears(tiny.model):
+        one_by_one = [layer(x) for layer in layers]
+        qk, v = group(layers, (2, 1))(x)
+        mlp = tiny.model.model.layers[1].mlp
+        assert group([mlp.gate_proj, mlp.down_proj]) is None  # inputs of different widths
+    assert torch.equal(qk, torch.cat(one_by_one[:2], dim=-1)) and torch.equal(v, one_by_one[2])
+    assert group(layers) is None  # outside packed_linears: nothing to group

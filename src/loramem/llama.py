@@ -8,8 +8,12 @@ in the matmuls (docs/BENCHMARKS.md, "Faster answers"). `greedy` runs the operati
 LlamaForCausalLM under SDPA attention in the same order on the same shapes (RMSNorm in fp32, rotary from the
 padding-aware position ids, SDPA with the same mask, causal flag and GQA handling, the last position's logits), so
 its tokens are those of `model.generate(do_sample=False)`: tests/test_llama.py compares logits and answers with
-transformers. It calls the model's own linear layers, so a module's factors beside them (merge.fused), merged
-weights (merge.applied) and packed bf16 weights (packed.py) apply unchanged.
+transformers. Where the result is the same bit for bit it takes the shorter way, because at batch 1 each of
+~70 small operations per layer costs more than its arithmetic: one packed product for q|k|v and one for gate|up
+(packed.group), queries and keys rotated together (rotate_half as a roll), RMSNorm's constants kept as tensors,
+keys cast for SDPA once as they are made, layers called by `forward`. It calls the model's own linear layers, so
+a module's factors beside them (merge.fused), merged weights (merge.applied) and packed bf16 weights (packed.py)
+apply unchanged.
 
 `load` builds `LlamaLM`, whose parameters have transformers' names (`model.layers.0.self_attn.q_proj.weight`...),
 straight from a Hugging Face folder's config.json and safetensors, for processes that only answer.
@@ -26,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loramem import packed
 from loramem.errors import LoramemError
 
 ARCHITECTURE = "llama"
@@ -187,35 +192,71 @@ def load(folder: Path, dtype: torch.dtype, device: torch.device) -> LlamaLM | No
 # --- greedy decoding ------------------------------------------------------------------------------------------
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     b, kv_heads, length, dim = x.shape
     return x[:, :, None].expand(b, kv_heads, groups, length, dim).reshape(b, kv_heads * groups, length, dim)
 
 
+class _Plan:
+    """How one greedy call runs the layers, made once: per decoder layer its q|k|v (as q and k side by side, then v)
+    and gate|up projections as one packed product each where packing runs them (packed.group; None: one by one),
+    and RMSNorm's constants as tensors. transformers' LlamaRMSNorm takes the mean of squares (on a CPU a sum, then a
+    division by the width) and adds epsilon, each time wrapping a Python number in a new tensor; the same division
+    and addition by kept fp32 tensors give the same values with fewer operations (tests/test_llama.py compares the
+    logits)."""
+
+    def __init__(self, model) -> None:
+        self.groups = [(packed.group([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj], (2, 1)),
+                        packed.group([layer.mlp.gate_proj, layer.mlp.up_proj])) for layer in model.model.layers]
+        device, norm = model.model.embed_tokens.weight.device, model.model.norm
+        self.width = torch.tensor(float(norm.weight.shape[-1]), device=device)
+        self.eps = torch.tensor(float(norm.variance_epsilon), device=device)
+
+    def norm(self, norm, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        wide = x if dtype == torch.float32 else x.to(torch.float32)
+        wide = wide * (wide.pow(2).sum(-1, keepdim=True).div_(self.width).add_(self.eps)).rsqrt_()
+        return norm.weight * (wide if dtype == torch.float32 else wide.to(dtype))
+
+
 class _Step:
-    """What one forward pass over new tokens needs: the rotary terms and the attention mask, made once for all layers."""
+    """What one forward pass over new tokens needs, made once for all layers: the rotary terms in the (batch,
+    positions, heads, dim) layout of the projections' outputs, the sine with rotate_half's signs in it (so that
+    rotate_half(x) * sin is x.roll(dim / 2) * signed sin, exactly: negation is exact), the attention mask, and the
+    dtype autocast runs SDPA in (None without autocast)."""
 
     def __init__(self, model, positions: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> None:
         rotary = model.model.rotary_emb
         freqs = positions[..., None].float() * rotary.inv_freq.to(device=positions.device, dtype=torch.float)
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos = (emb.cos() * rotary.attention_scaling).to(dtype).unsqueeze(1)
-        self.sin = (emb.sin() * rotary.attention_scaling).to(dtype).unsqueeze(1)
+        self.cos = (emb.cos() * rotary.attention_scaling).to(dtype).unsqueeze(2)
+        sin = (emb.sin() * rotary.attention_scaling).to(dtype).unsqueeze(2)
+        half = sin.shape[-1] // 2
+        self.sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         self.mask = mask
+        device = positions.device.type
+        self.attention_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+    def rotated(self, x: torch.Tensor) -> torch.Tensor:
+        """transformers' apply_rotary_pos_emb on (batch, positions, heads, dim)."""
+        return x * self.cos + x.roll(x.shape[-1] // 2, dims=-1) * self.sin
+
+    def for_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """x as autocast hands it to SDPA (cast once where it is made, not again with the whole cache each step)."""
+        dtype = self.attention_dtype
+        return x if dtype is None or x.dtype == dtype else x.to(dtype)
 
 
-def _attention(attn, x: torch.Tensor, step: _Step, cache: list, index: int, c) -> torch.Tensor:
+def _attention(attn, x: torch.Tensor, step: _Step, cache: list, index: int, c, qkv) -> torch.Tensor:
     b, length, _ = x.shape
-    q = attn.q_proj(x).view(b, length, -1, c.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(b, length, -1, c.head_dim).transpose(1, 2)
-    v = attn.v_proj(x).view(b, length, -1, c.head_dim).transpose(1, 2)
-    q = q * step.cos + _rotate_half(q) * step.sin
-    k = k * step.cos + _rotate_half(k) * step.sin
+    if qkv is not None:
+        qk, v = qkv(x)
+    else:
+        qk, v = torch.cat([attn.q_proj.forward(x), attn.k_proj.forward(x)], dim=-1), attn.v_proj.forward(x)
+    # queries and keys rotated in one go: their heads side by side
+    qk = step.for_attention(step.rotated(qk.view(b, length, -1, c.head_dim))).transpose(1, 2)
+    q, k = qk[:, : c.num_attention_heads], qk[:, c.num_attention_heads :]
+    v = step.for_attention(v.view(b, length, -1, c.head_dim).transpose(1, 2))
     if index < len(cache):  # as transformers' DynamicCache: the new keys and values concatenated on the old
         k, v = torch.cat([cache[index][0], k], dim=-2), torch.cat([cache[index][1], v], dim=-2)
         cache[index] = (k, v)
@@ -232,15 +273,20 @@ def _attention(attn, x: torch.Tensor, step: _Step, cache: list, index: int, c) -
             k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=c.head_dim**-0.5,
                                          is_causal=length > 1 and mask is None, **extra)
-    out = out.reshape(out.shape[0], -1, length, v.shape[-1]).transpose(1, 2).contiguous()
-    return attn.o_proj(out.reshape(b, length, -1).contiguous())
+    return attn.o_proj.forward(out.reshape(b, -1, length, v.shape[-1]).transpose(1, 2).reshape(b, length, -1))
 
 
-def _forward(model, ids: torch.Tensor, step: _Step, cache: list, repeat: tuple[int, int, _Step] | None = None
-             ) -> torch.Tensor:
+def _mlp(mlp, x: torch.Tensor, gate_up) -> torch.Tensor:
+    gate, up = gate_up(x) if gate_up is not None else (mlp.gate_proj.forward(x), mlp.up_proj.forward(x))
+    return mlp.down_proj.forward(F.silu(gate) * up)
+
+
+def _forward(model, ids: torch.Tensor, step: _Step, cache: list, plan: _Plan,
+             repeat: tuple[int, int, _Step] | None = None) -> torch.Tensor:
     """The last position's logits after `ids`, extending `cache` (one (keys, values) pair per layer). With `repeat`
     (layer, times, step), the rows run once through the layers before that one and are then repeated `times` over
-    (row j*n + q is row q), hidden states and cache alike, to go on with `step`."""
+    (row j*n + q is row q), hidden states and cache alike, to go on with `step`. Layers are called by their
+    `forward` (no module hooks: a supported model has none)."""
     c, decoder = model.config, model.model
     h = decoder.embed_tokens(ids)
     for index, layer in enumerate(decoder.layers):
@@ -248,9 +294,10 @@ def _forward(model, ids: torch.Tensor, step: _Step, cache: list, repeat: tuple[i
             times, step = repeat[1], repeat[2]
             h = h.repeat(times, 1, 1)
             cache[:] = [(k.repeat(times, 1, 1, 1), v.repeat(times, 1, 1, 1)) for k, v in cache]
-        h = h + _attention(layer.self_attn, layer.input_layernorm(h), step, cache, index, c)
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return model.lm_head(decoder.norm(h)[:, -1:, :])[:, -1, :]
+        qkv, gate_up = plan.groups[index]
+        h = h + _attention(layer.self_attn, plan.norm(layer.input_layernorm, h), step, cache, index, c, qkv)
+        h = h + _mlp(layer.mlp, plan.norm(layer.post_attention_layernorm, h), gate_up)
+    return model.lm_head(plan.norm(decoder.norm, h)[:, -1:, :])[:, -1, :]
 
 
 def _prefill_mask(attention_mask: torch.Tensor) -> torch.Tensor | None:
@@ -282,7 +329,8 @@ def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
         input_ids, attention_mask, positions = (t.repeat(repeat, 1) for t in (input_ids, attention_mask, positions))
         mask_rows = None if prefill_mask is None else prefill_mask.repeat(repeat, 1, 1, 1)
         rest = (min(shared_layers, model.config.num_hidden_layers - 1), repeat, _Step(model, positions, mask_rows, dtype))
-    logits = _forward(model, prompt_ids, step, cache, rest)
+    plan = _Plan(model)
+    logits = _forward(model, prompt_ids, step, cache, plan, rest)
     if on_prefill is not None:
         on_prefill()
     out, unfinished = [input_ids], torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -297,5 +345,5 @@ def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
         positions = positions[:, -1:] + 1
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
         step_mask = mask.bool()[:, None, None, :] if padded else None
-        logits = _forward(model, token[:, None], _Step(model, positions, step_mask, dtype), cache)
+        logits = _forward(model, token[:, None], _Step(model, positions, step_mask, dtype), cache, plan)
     return torch.cat(out, dim=-1)

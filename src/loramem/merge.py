@@ -395,10 +395,14 @@ class _WithLowRank:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = self.forward(x)
+        self.add_term(out, x)
+        return out
+
+    def add_term(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        """Add the low-rank term of input x onto out, the layer's output (or a view of it, as packed.group's)."""
         flat = out.view(-1, out.shape[-1])
         # under bf16 autocast the output is bf16 while the factors keep the weights' fp32 (else .to is a no-op)
         flat.addmm_(x.reshape(-1, x.shape[-1]).mm(self.a_t).to(flat.dtype), self.b_t.to(flat.dtype))
-        return out
 
 
 @dataclass

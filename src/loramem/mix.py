@@ -43,13 +43,11 @@ class _RowsLowRank(_WithLowRank):
     def __init__(self, forward, terms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
         self.forward, self.terms = forward, terms
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.forward(x)
+    def add_term(self, out: torch.Tensor, x: torch.Tensor) -> None:
         for rows, a_t, b_t in self.terms:
             chosen = x.index_select(0, rows)
             term = chosen.reshape(-1, x.shape[-1]).mm(a_t).to(out.dtype).mm(b_t.to(out.dtype))
             out.index_add_(0, rows, term.view(len(rows), *out.shape[1:]))
-        return out
 
 
 @contextmanager

@@ -19,6 +19,7 @@ be seen; loramem never does that.
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -48,9 +49,19 @@ PACKED_ROWS = 16
 
 @dataclass
 class _Entry:
+    """A weight's bf16 copies, each made on first use: packed (for few rows) and plain (for many)."""
+
     source: torch.Tensor  # held so its storage (the key's address) cannot be freed and reused while kept
-    packed: torch.Tensor
-    plain: torch.Tensor | None = None  # the bf16 weight unpacked, made on the first call over many rows
+    held: tuple = ()  # a group's member weights, held for the same reason
+    _packed: torch.Tensor | None = None
+    plain: torch.Tensor | None = None
+
+    @property
+    def packed(self) -> torch.Tensor:
+        if self._packed is None:
+            with torch.no_grad():
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(self.source.to(torch.bfloat16), 1)
+        return self._packed
 
     def bf16(self) -> torch.Tensor:
         if self.plain is None:
@@ -75,13 +86,18 @@ class PackCache:
         return self.entry(weight).packed
 
     def entry(self, weight: torch.Tensor) -> _Entry:
-        key = _key(weight)
+        return self._kept(_key(weight), lambda: _Entry(weight.detach()))
+
+    def group(self, weights: list[torch.Tensor]) -> _Entry:
+        """The weights stacked (their outputs side by side), as one entry."""
+        return self._kept(tuple(_key(w) for w in weights),
+                          lambda: _Entry(torch.cat([w.detach().to(torch.bfloat16) for w in weights]),
+                                         held=tuple(weights)))
+
+    def _kept(self, key: tuple, make) -> _Entry:
         entry = self._entries.get(key)
         if entry is None:
-            with torch.no_grad():
-                source = weight.detach()
-                entry = _Entry(source, torch.ops.mkldnn._reorder_linear_weight(source.to(torch.bfloat16), 1))
-            self._entries[key] = entry
+            entry = self._entries[key] = make()
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
         else:
@@ -99,8 +115,8 @@ class _PackedLinear:
     """A linear layer's forward through its packed bf16 weight, or its plain bf16 copy for many rows (the bias cast
     as autocast casts it)."""
 
-    def __init__(self, entry: _Entry, bias: torch.Tensor | None) -> None:
-        self.entry = entry
+    def __init__(self, entry: _Entry, bias: torch.Tensor | None, cache: PackCache) -> None:
+        self.entry, self.cache = entry, cache
         self.bias = None if bias is None else bias.detach().to(torch.bfloat16)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,11 +149,11 @@ def packed_linears(model: torch.nn.Module, cache: PackCache | None = None):
     if cache is None:
         cache = _CACHES.get(model)
         if cache is None:
-            cache = _CACHES[model] = PackCache(WEIGHT_SETS_KEPT * len(layers))
+            cache = _CACHES[model] = PackCache(WEIGHT_SETS_KEPT * 2 * len(layers))  # weights and groups
     undo = []
     try:
         for layer in layers:
-            packed = _PackedLinear(cache.entry(layer.weight), layer.bias)
+            packed = _PackedLinear(cache.entry(layer.weight), layer.bias, cache)
             own = layer.__dict__.get("forward")
             if own is None:
                 layer.forward = packed
@@ -150,3 +166,52 @@ def packed_linears(model: torch.nn.Module, cache: PackCache | None = None):
     finally:
         for step in reversed(undo):
             step()
+
+
+class _PackedGroup:
+    """Linear layers that read the same input (a transformer's q|k|v, gate|up) computed as one product through
+    their weights packed side by side, each layer's low-rank term (a module's factors) then added on its own part:
+    one cast of the input and one matmul call instead of several, the same outputs bit for bit over up to
+    PACKED_ROWS rows (tests/test_packed.py). Returns the outputs of each part's layers side by side (`parts`: how
+    many layers each part has, e.g. (2, 1): q|k, then v). More rows run the layers one by one, as they would, and
+    put each part's outputs side by side."""
+
+    def __init__(self, layers: list[torch.nn.Linear], cache: PackCache, parts: tuple[int, ...]) -> None:
+        self.layers, self.parts = layers, parts
+        self.entry = cache.group([layer.weight for layer in layers])
+        biases = [layer.bias for layer in layers]
+        self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases]).to(torch.bfloat16)
+        bounds = [0, *itertools.accumulate(parts)]
+        self.spans = list(zip(bounds, bounds[1:]))
+        self.sizes = [sum(layer.out_features for layer in layers[i:j]) for i, j in self.spans]
+        starts = [0, *itertools.accumulate(layer.out_features for layer in layers)]
+        self.terms = [(wrapper, start, layer.out_features) for wrapper, start, layer in
+                      zip((layer.__dict__["forward"] for layer in layers), starts, layers)
+                      if isinstance(wrapper, _WithLowRank)]
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if x.numel() > PACKED_ROWS * x.shape[-1]:
+            outs = [layer(x) for layer in self.layers]
+            return tuple(outs[i] if j == i + 1 else torch.cat(outs[i:j], dim=-1) for i, j in self.spans)
+        out = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.entry.packed, self.bias, "none", [], "")
+        for wrapper, start, size in self.terms:
+            wrapper.add_term(out[..., start : start + size], x)
+        return out.split(self.sizes, dim=-1)
+
+
+def _packed_forward(layer: torch.nn.Linear) -> _PackedLinear | None:
+    """The packed product a layer runs inside `packed_linears`, alone or under a module's factors."""
+    forward = layer.__dict__.get("forward")
+    if isinstance(forward, _WithLowRank):
+        forward = forward.forward
+    return forward if isinstance(forward, _PackedLinear) else None
+
+
+def group(layers: list[torch.nn.Linear], parts: tuple[int, ...] | None = None) -> _PackedGroup | None:
+    """Inside `packed_linears`: the layers as one packed product (`parts` as in _PackedGroup; default: one part per
+    layer), where each of them runs its packed weight (alone or under a module's factors), all read inputs of one
+    width and all have a bias or none do; else None (run them one by one)."""
+    forwards = [_packed_forward(layer) for layer in layers]
+    if None in forwards or len({(layer.in_features, layer.bias is None) for layer in layers}) > 1:
+        return None
+    return _PackedGroup(layers, forwards[0].cache, parts or (1,) * len(layers))
