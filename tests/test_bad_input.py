@@ -257,6 +257,9 @@ def test_bad_rank(tmp_path, loramem, rank, message):
     ([QUESTION, "--mode", "multi", "--top-k", "0"], "top-k must be a positive integer, got 0"),
     ([QUESTION, "--mode", "rag", "--top-k", "0"], "top-k must be a positive integer, got 0"),
     ([QUESTION, "--mode", "multi", "--top-k", "-2"], "top-k must be a positive integer, got -2"),
+    ([QUESTION, "--mode", "multi", "--merge", "mix", "--base-weight", "1"], "base_weight must be at least 0 and below 1, not 1.0"),
+    ([QUESTION, "--mode", "multi", "--merge", "ties", "--base-weight", "0.5"],
+     "base_weight is for output compositions (mix, select, select-token), not the weight merge 'ties'"),
 ])
 def test_bad_question_or_top_k(memory, loramem, args, message):
     before = tree(memory.parent)

@@ -160,6 +160,28 @@ def test_rag_retrieves_the_fact_and_icl_uses_the_routed_documents(sharded):
     assert (memory.path / "index").is_dir()  # the routing indexes are kept for the next open
 
 
+@pytest.mark.parametrize("method", ["mix", "select"])
+def test_a_base_row_takes_its_weight_and_keeps_the_modules_facts(sharded, method):
+    memory, records = sharded
+    questions = ["What is the phone number of Cy Ortega?", "What is the phone number of Flo Quist?"]
+    answers = memory.ask_many(questions, mode="multi", router="bm25", top_k=2, merge=method, base_weight=0.25)
+    plain = memory.ask_many(questions, mode="multi", router="bm25", top_k=2, merge=method)
+    assert [a.text[:12] for a in answers] == ["212-340-1187", "509-670-4410"]
+    for with_base, without in zip(answers, plain):
+        assert with_base.modules == without.modules and sum(with_base.module_weights) == pytest.approx(0.75)
+        # the modules keep their router ratio beside the base row
+        assert with_base.module_weights == pytest.approx([0.75 * w for w in without.module_weights])
+        assert set(with_base.supplied_by) <= set(with_base.modules) | {"base"}
+    # at a weight of all but 1, select takes the base row, whose answer is the base weights'
+    leaning = memory.ask(questions[0], mode="multi", router="bm25", top_k=2, merge="select", base_weight=1 - 1e-9)
+    assert leaning.text == memory.ask(questions[0], mode="base").text and set(leaning.supplied_by) <= {"base"}
+    for bad in (-0.1, 1.0):
+        with pytest.raises(LoramemError, match="base_weight must be at least 0 and below 1"):
+            memory.ask(questions[0], mode="multi", merge=method, base_weight=bad)
+    with pytest.raises(LoramemError, match="base_weight is for output compositions"):
+        memory.ask(questions[0], mode="multi", merge="ties", base_weight=0.5)
+
+
 def test_router_abstains_below_its_threshold(sharded):
     memory, _ = sharded
     answer = memory.ask("Which river flows through Vienna?", mode="lora", router="bm25", threshold=1e6)

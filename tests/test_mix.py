@@ -12,7 +12,8 @@ from loramem.answer import Caches, generate, generate_composed, modules_applied
 from loramem.errors import LoramemError
 from loramem.answer import adapter_scale, read_adapter
 from loramem.merge import lora_factors, low_rank
-from loramem.mix import Composer, first_adapted_layer, mixture_weights, rows_applied, supplied_by
+from loramem.mix import (Composer, first_adapted_layer, mixture_weights, rows_applied, supplied_by,
+                         with_base_row)
 
 from test_answer import _random_module
 
@@ -124,6 +125,16 @@ def test_mixture_weights_are_the_softmax_of_router_scores():
     weights = mixture_weights([[2.0, 1.0, 0.0]])
     expected = [math.exp(s) / sum(math.exp(t) for t in (2, 1, 0)) for s in (2, 1, 0)]
     assert weights[0].tolist() == pytest.approx(expected)
+
+
+def test_a_base_row_gets_its_share_of_the_mixture_weight():
+    modules, scores = with_base_row([["a", "b"], ["c", None]], [[2.0, 1.0], [0.5, -math.inf]], 0.25)
+    assert modules == [["a", "b", None], ["c", None, None]]
+    weights = mixture_weights(scores)
+    assert weights[:, 2].tolist() == pytest.approx([0.25, 0.25])
+    assert weights[0, :2].tolist() == pytest.approx((0.75 * mixture_weights([[2.0, 1.0]])[0]).tolist())
+    assert weights[1].tolist() == pytest.approx([0.75, 0.0, 0.25])  # a filler stays at weight 0
+    assert with_base_row([["a"]], [[1.0]], 0.0) == ([["a"]], [[1.0]])
 
 
 def test_supplied_stops_at_each_answers_eos():

@@ -180,6 +180,8 @@ def test_unknown_memory_is_404(client):
     (QUESTION, {"mode": "multi", "top_k": 4}, "top-k 4"),
     (QUESTION, {"mode": "telepathy"}, "unknown mode"),
     (QUESTION, {"colour": "blue"}, "colour"),
+    (QUESTION, {"mode": "multi", "merge": "mix", "base_weight": 1.0}, "base_weight"),
+    (QUESTION, {"mode": "multi", "merge": "linear", "base_weight": 0.5}, "output compositions"),
 ])
 def test_bad_requests_are_400(client, question, options, message):
     with pytest.raises(openai.BadRequestError, match=message):

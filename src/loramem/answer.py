@@ -48,8 +48,9 @@ class Answer:
     timing: dict = field(default_factory=dict)  # seconds: route, merge, prefill, decode
     prompt_tokens: int = 0  # the whole prompt read, context included
     completion_tokens: int = 0
-    module_weights: list[float] = field(default_factory=list)  # composed (mix, select...): each module's mixture weight
-    supplied_by: list[str] = field(default_factory=list)  # composed: the module that supplied each answer token
+    # composed (mix, select...): each module's mixture weight (with a base row, they sum to 1 - base_weight)
+    module_weights: list[float] = field(default_factory=list)
+    supplied_by: list[str] = field(default_factory=list)  # composed: the module (or "base") that supplied each token
 
     def to_dict(self) -> dict:
         return asdict(self)

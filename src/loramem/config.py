@@ -30,7 +30,7 @@ AUTO = "auto"
 def setting(default: Any, help: str, **options: Any) -> Any:
     """A documented settings field. `options` (read by settings_fields' users): `cli=False` keeps it off the
     command line and requests (a run-level or structured setting); `zero_is_none=True`: 0 given there means None;
-    `group="variants"`: boolean fields sharing a group are one comma-separated option; `ge`: a request's minimum."""
+    `group="variants"`: boolean fields sharing a group are one comma-separated option; `ge`/`lt`: a request's bounds."""
     return field(default=default, metadata={"help": help, **options})
 
 
@@ -318,17 +318,25 @@ class AskSpec:
     merge: str = setting("select", "multi: an output composition (select: the answer its module is surest of; mix: "
                          "router-weighted mixture; select-token) or a weight merge (linear, cat, ties, dare_linear, "
                          "dare_ties, magnitude_prune)")
+    # the base model's row lets a composed answer fall back on what the base model knows when no module holds the
+    # answer (documents: modules that change answers a little, docs/RESULTS.md issue 22)
+    base_weight: float = setting(0.0, "multi with an output composition: the base model answers as one more row with "
+                                 "this share of the mixture weight (0: no base row)", ge=0.0, lt=1.0)
     threshold: float | None = setting(None, "abstain (no module: the base weights answer) below this router score")
     max_new_tokens: int = setting(24, "longest answer in tokens (memory answers are short)", ge=1)
     batch_size: int = setting(16, "questions generated together", ge=1)
 
     def __post_init__(self) -> None:
-        from loramem.answer import check_merge_method, parse_mode
-        from loramem.mix import COMPOSITIONS
+        from loramem.answer import parse_mode
+        from loramem.mix import COMPOSITIONS, check_combination
 
         parse_mode(self.mode)
-        if self.merge not in COMPOSITIONS:
-            check_merge_method(self.merge)  # its message names the weight merges
+        check_combination(self.merge)
+        if not 0.0 <= self.base_weight < 1.0:
+            raise LoramemError(f"base_weight must be at least 0 and below 1, not {self.base_weight}")
+        if self.base_weight and self.merge not in COMPOSITIONS:
+            raise LoramemError(f"base_weight is for output compositions ({', '.join(COMPOSITIONS)}), "
+                               f"not the weight merge {self.merge!r}")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise LoramemError("max_new_tokens and batch_size must be at least 1")
 

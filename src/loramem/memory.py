@@ -28,7 +28,7 @@ from loramem.config import AUTO, AskSpec, LoraSpec, TrainSpec
 from loramem.corpus import Document, chunk_text
 from loramem.errors import LoramemError
 from loramem.merge import lora_factors, low_rank
-from loramem.mix import COMPOSITIONS, mixture_weights
+from loramem.mix import COMPOSITIONS, mixture_weights, with_base_row
 from loramem.executor import InProcess, TrainJob
 from loramem.models import (
     DEFAULT_MODEL,
@@ -488,8 +488,8 @@ class Memory:
             else:
                 prompts.append(self._prompt(question))
         if weights == "multi" and merge in COMPOSITIONS:
-            return self._answer_composed(questions, prompts, picks, chunks, mode, merge, route_seconds,
-                                         max_new_tokens, batch_size)
+            return self._answer_composed(questions, prompts, picks, chunks, mode, merge, spec.base_weight,
+                                         route_seconds, max_new_tokens, batch_size)
         answers: list[Answer | None] = [None] * len(questions)
         in_weights = picks if weights != "base" else [[] for _ in questions]
         for ids, members in _group_by_modules(in_weights).items():
@@ -509,15 +509,17 @@ class Memory:
                 )
         return answers
 
-    def _answer_composed(self, questions, prompts, picks, chunks, mode, method, route_seconds, max_new_tokens,
-                         batch_size) -> list[Answer]:
+    def _answer_composed(self, questions, prompts, picks, chunks, mode, method, base_weight, route_seconds,
+                         max_new_tokens, batch_size) -> list[Answer]:
         """Each question's modules composed in output space (loramem.mix), all questions in one batched pass; a
-        question with fewer modules (an abstaining router) fills its rows with the base weights at weight 0."""
+        question with fewer modules (an abstaining router) fills its rows with the base weights at weight 0, and
+        `base_weight` adds a base row to every question at that weight."""
         started = time.perf_counter()
         k = max(1, max(len(hits) for hits in picks))
         prepared = {i: self._low_rank(i) for i in {h.id for hits in picks for h in hits}}
         modules = [[prepared[h.id] for h in hits] + [None] * (k - len(hits)) for hits in picks]
         scores = [[h.score for h in hits] + [-math.inf] * (k - len(hits)) if hits else [0.0] * k for hits in picks]
+        modules, scores = with_base_row(modules, scores, base_weight)
         timing, counts = Timing(merge=time.perf_counter() - started), []
         texts, supplied = generate_composed(self.base.model, self.base.tokenizer, prompts, modules, scores, method,
                                             max_new_tokens, batch_size, timing=timing, counts=counts)

@@ -14,11 +14,14 @@ linear, the plain sum) buries each one's facts (docs/RESULTS.md: four PhoneBook 
   forced third of three at equal weights, 97% of answers picked against 24% for `select-token`); the router's
   weight settles the near ties (96.4% without it, 100% with it, over the dense top 3);
 - `select-token`: at each token the row whose distribution has the lowest entropy decides (the ablation).
-A row may be the base model (no factors). Every answer records, per token, which row supplied it.
+A row may be the base model (no factors): `with_base_row` adds one to every question at a chosen share of the
+weight, so that an answer no module holds falls back on the base model. Every answer records, per token, which row
+supplied it.
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -28,6 +31,16 @@ from loramem.errors import LoramemError
 from loramem.merge import LowRank, _WithLowRank, forwards_wrapped
 
 COMPOSITIONS = ("mix", "select", "select-token")
+
+
+def check_combination(method: str) -> str:
+    """A `merge` setting: an output composition or a weight merge; the error names both kinds."""
+    from loramem.answer import MERGE_METHODS
+
+    if method not in COMPOSITIONS and method not in MERGE_METHODS:
+        raise LoramemError(f"unknown merge method {method!r}; choose an output composition ({', '.join(COMPOSITIONS)}) "
+                           f"or a weight merge ({', '.join(MERGE_METHODS)})")
+    return method
 
 
 def check_composition(method: str) -> str:
@@ -139,6 +152,16 @@ def _lengths(generated: torch.Tensor, eos_token_id: int, with_eos: bool) -> torc
 def mixture_weights(scores: list[list[float]]) -> torch.Tensor:
     """(n, k) weights: per question, the softmax of its modules' router scores."""
     return torch.tensor(scores, dtype=torch.float32).softmax(-1)
+
+
+def with_base_row(modules: list[list], scores: list[list[float]], base_weight: float) -> tuple[list, list]:
+    """Each question's rows plus one of the base model (None), scored so that its mixture weight is `base_weight`:
+    log(sum_j e^s_j) + log(b / (1 - b)) gives it e^s / (S + e^s) = b, the modules keeping their ratios."""
+    if not base_weight:
+        return modules, scores
+    offset = math.log(base_weight / (1 - base_weight))
+    return ([row + [None] for row in modules],
+            [row + [torch.tensor(row).logsumexp(0).item() + offset] for row in scores])
 
 
 def supplied_by(supplied: list[torch.Tensor], generated: torch.Tensor, eos_token_id: int) -> list[list[int]]:

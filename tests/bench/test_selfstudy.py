@@ -39,9 +39,10 @@ def test_every_row_and_the_locality_record(tiny, tmp_path):
                        SelfStudySpec(prompts=3, kinds="question+continue", windows=(32,), answer_tokens=4), Gen(),
                        LoraSpec(rank=2, layers="all"),
                        TrainSpec(epochs=1, lr=1e-3, target_recall=None, candidates=0), 4, locality_questions=2,
-                       merges=("select", "linear"))
+                       merges=("select", "linear"), base_weights=(0.0, 0.5))
     settings = [row["setting"] for row in result["rows"]]
-    routed = [f"{s} {c}" for c in ("closed book", "+ rag") for s in ("routed top 1", "top 2 select", "top 2 linear")]
+    routed = [f"{s} {c}" for c in ("closed book", "+ rag")
+              for s in ("routed top 1", "top 2 select", "top 2 linear", "top 2 select base 0.5")]
     assert settings == ["base", "icl", "rag"] + [f"{m} {c}" for m in ("self-study", "self-study-ntp")
                                                  for c in [*study.CONTEXTS, *routed]]
     assert result["questions"] == 3 and all(0.0 <= row["rouge_l"] <= 1.0 for row in result["rows"])

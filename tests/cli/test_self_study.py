@@ -56,5 +56,9 @@ def test_self_study_recipe_keeps_what_was_given():
 def test_bench_self_study_is_a_bench_command_with_clear_errors():
     out = loramem("bench", "self-study", "--dataset", "poems")
     assert out.returncode == 2 and out.stderr.strip() == "error: unknown dataset 'poems': choose paperqa or narrativeqa"
+    for weights, message in (("0.5,x", "--base-weights takes numbers, comma-separated, not '0.5,x'"),
+                             ("1.5", "base_weight must be at least 0 and below 1, not 1.5")):
+        out = loramem("bench", "self-study", "--merges", "mix", "--base-weights", weights)
+        assert out.returncode == 2 and out.stderr.strip() == f"error: {message}"
     shown = loramem("bench", "self-study", "--help").stdout
-    assert "--prompts" in shown and "--seed-types" in shown and "--objective" not in shown
+    assert "--prompts" in shown and "--seed-types" in shown and "--objective" not in shown and "--base-weights" in shown

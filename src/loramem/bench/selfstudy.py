@@ -65,10 +65,12 @@ def _score(answers: list[str], references: list) -> float:
 
 
 def run(memory, items: list[Item], methods: list[str], synth_spec, study_spec, generator, lora, train_spec,
-        max_new_tokens: int, locality_questions: int = 30, progress: bool = False, merges: tuple[str, ...] = ()) -> dict:
+        max_new_tokens: int, locality_questions: int = 30, progress: bool = False, merges: tuple[str, ...] = (),
+        base_weights: tuple[float, ...] = ()) -> dict:
     """All rows of the comparison; `memory` holds nothing of its own (each method writes into a sibling). With
     `merges`, each method's modules also answer every question routed (dense): the top 1, and the top 3 combined by
-    each merge (weight merges or output compositions), closed book and with RAG."""
+    each merge (weight merges or output compositions), closed book and with RAG; each composition also with the base
+    model as a row at each of `base_weights`."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise LoramemError(f"unknown method {unknown[0] if unknown else ''!r}: choose from {', '.join(METHODS)}")
@@ -98,7 +100,7 @@ def run(memory, items: list[Item], methods: list[str], synth_spec, study_spec, g
         rows[-3] |= local | {"write_s_per_doc": mean(w["synth_s"] + w["train_s"] for w in written),
                              "train_s_per_doc": mean(w["train_s"] for w in written),
                              "doc_tokens": mean(w["doc_tokens"] for w in written)}
-        rows += _routed(target, method, merges, questions, references, max_new_tokens) if merges else []
+        rows += _routed(target, method, merges, base_weights, questions, references, max_new_tokens) if merges else []
     return {"documents": len(items), "questions": len(questions), "rank": lora.rank, "layers": lora.layers,
             "lr": train_spec.lr, "epochs": train_spec.epochs, "rows": rows, "modules": details}
 
@@ -131,10 +133,15 @@ def _write(target, items, method, synth_spec, study_spec, generator, lora, train
     return written
 
 
-def _routed(target, method, merges, questions, references, max_new_tokens) -> list[dict]:
-    """Rows of the routed answers: the dense router's top 1 and its top 3 combined by each of `merges`."""
+def _routed(target, method, merges, base_weights, questions, references, max_new_tokens) -> list[dict]:
+    """Rows of the routed answers: the dense router's top 1 and its top 3 combined by each of `merges`, each output
+    composition also with a base row at each of `base_weights`."""
+    from loramem.mix import COMPOSITIONS
+
     k = min(3, len(target.modules()))
     settings = {"routed top 1": ("lora", {})} | {f"top {k} {m}": ("multi", {"merge": m}) for m in merges}
+    settings |= {f"top {k} {m} base {b:g}": ("multi", {"merge": m, "base_weight": b})
+                 for m in merges if m in COMPOSITIONS for b in base_weights if b}
     rows = []
     for label, suffix in (("closed book", ""), ("+ rag", "+rag")):
         for setting, (mode, kw) in settings.items():

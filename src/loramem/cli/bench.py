@@ -13,7 +13,8 @@ from loramem.cli.options import (
     BaseUrlOpt, DataDirOpt, GeneratorModelOpt, GeneratorOpt, JsonOpt, ModelOpt, PromptOpt, emit, print_json, table,
     with_settings,
 )
-from loramem.config import LoraSpec, TrainSpec
+from loramem.config import AskSpec, LoraSpec, TrainSpec
+from loramem.errors import LoramemError
 from loramem.synth import SynthSpec
 from loramem.synth.selfstudy import SelfStudySpec
 
@@ -225,6 +226,8 @@ def bench_self_study(
     prompt: str = typer.Option("chat", "--prompt", help="prompt style of the memories (chat: as self-study is meant)"),
     merges: str = typer.Option("", help="also route every question (dense): the top 1, and the top 3 combined by "
                                "these merges or compositions, comma-separated (select,linear), closed book and with RAG"),
+    base_weights: str = typer.Option("", help="with --merges: each composition also with the base model as a row at "
+                                     "these mixture weights, comma-separated (0.25,0.5)"),
     memory: Optional[Path] = KeepOpt,
     out: Optional[Path] = OutOpt,
     as_json: bool = JsonOpt,
@@ -235,23 +238,31 @@ def bench_self_study(
     from loramem.bench import get, study_memory
 
     bench = get("self-study")
+    compose, weights = _methods(merges), _base_weights(base_weights)  # checked before the data is read
     items = bench.load(papers if dataset == "paperqa" else stories, data_dir, dataset)
     with study_memory(memory, model, prompt) as mem:
         result = bench.run(mem, items, [m.strip() for m in methods.split(",") if m.strip()], synth, study,
                            _generator(generator, generator_model, base_url, mem), lora, train_spec,
-                           items[0].max_new_tokens, progress=not as_json, merges=_methods(merges))
+                           items[0].max_new_tokens, progress=not as_json, merges=compose,
+                           base_weights=weights)
     emit(result, out, as_json, f"{dataset}: {result['documents']} documents, {result['questions']} questions",
          ("setting", "rouge_l", "write_s_per_doc", "train_s_per_doc", "locality_other_delta",
           "locality_other_changed", "locality_general_delta", "locality_general_changed"))
 
 
+def _base_weights(text: str) -> tuple[float, ...]:
+    """Comma-separated base-row weights, each checked as AskSpec checks it."""
+    try:
+        weights = tuple(float(w) for w in text.split(",") if w.strip())
+    except ValueError:
+        raise LoramemError(f"--base-weights takes numbers, comma-separated, not {text!r}") from None
+    for weight in weights:
+        AskSpec(mode="multi", merge="mix", base_weight=weight)
+    return weights
+
+
 def _methods(merges: str) -> tuple[str, ...]:
     """Comma-separated merge methods and output compositions, each checked."""
-    from loramem.answer import check_merge_method
-    from loramem.mix import COMPOSITIONS
+    from loramem.mix import check_combination
 
-    methods = tuple(m.strip() for m in merges.split(",") if m.strip())
-    for method in methods:
-        if method not in COMPOSITIONS:
-            check_merge_method(method)
-    return methods
+    return tuple(check_combination(m.strip()) for m in merges.split(",") if m.strip())
