@@ -27,14 +27,13 @@ items = study.load(args.papers if args.dataset == "paperqa" else args.stories, N
 target = Memory.open(f"{args.memory}-{args.method}")  # where bench self-study wrote that method's modules
 questions = [q for it in items for q in it.questions]
 references = [r for it in items for r in it.references]
-k = min(3, len(target.modules()))
+k = study.routed_k(target)
 started = time.perf_counter()
 for row in args.rows.split(","):
     method, _, context = row.partition("+")
     method, _, weight = method.partition("@")
     mode = ("lora" if method == "lora" else "multi") + (f"+{context}" if context else "")
     options = {} if method == "lora" else {"merge": method, "base_weight": float(weight or 0)}
-    answers = target.ask_many(questions, mode=mode, router="dense", top_k=k, max_new_tokens=items[0].max_new_tokens,
-                              **options)
-    print(json.dumps({"row": row, "rouge_l": round(study._score([a.text for a in answers], references), 4),
-                      "questions": len(questions)}), f"({time.perf_counter() - started:.0f} s)", flush=True)
+    score = study.routed_score(target, k, mode, options, questions, references, items[0].max_new_tokens)
+    print(json.dumps({"row": row, "rouge_l": round(score, 4), "questions": len(questions)}),
+          f"({time.perf_counter() - started:.0f} s)", flush=True)

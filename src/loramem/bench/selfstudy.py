@@ -138,18 +138,25 @@ def _routed(target, method, merges, base_weights, questions, references, max_new
     composition also with a base row at each of `base_weights`."""
     from loramem.mix import COMPOSITIONS
 
-    k = min(3, len(target.modules()))
+    k = routed_k(target)
     settings = {"routed top 1": ("lora", {})} | {f"top {k} {m}": ("multi", {"merge": m}) for m in merges}
     settings |= {f"top {k} {m} base {b:g}": ("multi", {"merge": m, "base_weight": b})
                  for m in merges if m in COMPOSITIONS for b in base_weights if b}
-    rows = []
-    for label, suffix in (("closed book", ""), ("+ rag", "+rag")):
-        for setting, (mode, kw) in settings.items():
-            answers = target.ask_many(questions, mode=mode + suffix, router="dense", top_k=k,
-                                      max_new_tokens=max_new_tokens, **kw)
-            rows.append({"setting": f"{method} {setting} {label}", "rouge_l": _score([a.text for a in answers],
-                                                                                     references)})
-    return rows
+    return [{"setting": f"{method} {setting} {label}",
+             "rouge_l": routed_score(target, k, mode + suffix, kw, questions, references, max_new_tokens)}
+            for label, suffix in (("closed book", ""), ("+ rag", "+rag")) for setting, (mode, kw) in settings.items()]
+
+
+def routed_k(target) -> int:
+    """How many modules a routed row takes: the top 3, or all of them when there are fewer."""
+    return min(3, len(target.modules()))
+
+
+def routed_score(target, k: int, mode: str, options: dict, questions, references, max_new_tokens) -> float:
+    """ROUGE-L of every question asked through the dense router's top `k` in `mode` (lora: the top 1; multi: the
+    top k combined by `options`' merge): one routed row of the study."""
+    answers = target.ask_many(questions, mode=mode, router="dense", top_k=k, max_new_tokens=max_new_tokens, **options)
+    return _score([a.text for a in answers], references)
 
 
 def _module_answers(target, items, written, mode, base_answers, max_new_tokens) -> list[str]:
