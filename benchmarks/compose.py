@@ -3,6 +3,7 @@
     python benchmarks/compose.py --memory runs/compose.mem [--count 4] [--sector 2K] [--questions N] [--json]
     python benchmarks/compose.py --memory runs/compose.mem --latency 32 [--rounds 3]
     python benchmarks/compose.py --memory runs/compose-seed7.mem --seed 7   # sectors of other, generated entries
+    python benchmarks/compose.py --memory runs/compose.mem --temperatures 1,0.1   # compositions at router temperatures
 
 Writes (or, when already written, reuses) one rank-4 module per PhoneBook sector (the 128K file cut into `--count`
 sectors of `--sector` tokens, the defaults' recipe; with `--seed`, sectors of PhoneBook entries generated from that
@@ -27,6 +28,7 @@ from pathlib import Path
 from loramem.bench import phonebook as pb
 from loramem.config import LoraSpec
 from loramem.memory import Memory
+from loramem.mix import COMPOSITIONS
 from loramem.precision import hardware, resolve
 
 COMBINATIONS = ("mix", "select", "select-token", "ties", "linear")
@@ -81,6 +83,8 @@ def main() -> None:
     parser.add_argument("--latency", type=int, default=0, help="time this many questions instead")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=None, help="sectors of entries generated from this seed")
+    parser.add_argument("--temperatures", default="", help="router temperatures, comma-separated: each composition "
+                        "is asked at each (default: AskSpec's)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     combinations = args.combinations.split(",")
@@ -107,11 +111,14 @@ def main() -> None:
         return
     rows = [{"setting": "top 1", "router": "oracle", **score(memory, asked, gold, mode="lora", router="oracle",
                                                             gold=gold)}]
+    temperatures = [float(t) for t in args.temperatures.split(",")] if args.temperatures else [None]
     for router in args.routers.split(","):
         rows.append({"setting": "top 1", "router": router, **score(memory, asked, gold, mode="lora", router=router)})
         for how in combinations:
-            rows.append({"setting": f"top 3 {how}", "router": router,
-                         **score(memory, asked, gold, mode="multi", router=router, top_k=3, merge=how)})
+            for t in temperatures if how in COMPOSITIONS else [None]:
+                given = {} if t is None else {"router_temperature": t}
+                rows.append({"setting": f"top 3 {how}" + ("" if t is None else f" T {t:g}"), "router": router,
+                             **score(memory, asked, gold, mode="multi", router=router, top_k=3, merge=how, **given)})
     for how in combinations:  # gold third of three: per sector, the two next sectors' modules before it
         results = []
         for i, part in enumerate(parts):

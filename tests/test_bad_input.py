@@ -260,6 +260,7 @@ def test_bad_rank(tmp_path, loramem, rank, message):
     ([QUESTION, "--mode", "multi", "--merge", "mix", "--base-weight", "1"], "base_weight must be at least 0 and below 1, not 1.0"),
     ([QUESTION, "--mode", "multi", "--merge", "ties", "--base-weight", "0.5"],
      "base_weight is for output compositions (mix, select, select-token), not the weight merge 'ties'"),
+    ([QUESTION, "--mode", "multi", "--router-temperature", "0"], "router_temperature must be above 0, not 0.0"),
 ])
 def test_bad_question_or_top_k(memory, loramem, args, message):
     before = tree(memory.parent)

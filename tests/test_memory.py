@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from loramem import LoraSpec, Memory, TrainSpec, facts_from_text
+from loramem.config import AskSpec
 from loramem.errors import LoramemError
 from loramem.examples import Example
 from loramem.precision import autocast, use_bf16
@@ -180,6 +181,26 @@ def test_a_base_row_takes_its_weight_and_keeps_the_modules_facts(sharded, method
             memory.ask(questions[0], mode="multi", merge=method, base_weight=bad)
     with pytest.raises(LoramemError, match="base_weight is for output compositions"):
         memory.ask(questions[0], mode="multi", merge="ties", base_weight=0.5)
+
+
+@pytest.mark.parametrize("method", ["mix", "select"])
+def test_a_router_temperature_sharpens_the_weights_and_keeps_the_facts(sharded, method):
+    memory, records = sharded
+    questions = ["What is the phone number of Cy Ortega?", "What is the phone number of Flo Quist?"]
+    flat = memory.ask_many(questions, mode="multi", router="bm25", top_k=2, merge=method, router_temperature=1.0)
+    sharp = memory.ask_many(questions, mode="multi", router="bm25", top_k=2, merge=method, router_temperature=0.25)
+    default = memory.ask_many(questions, mode="multi", router="bm25", top_k=2, merge=method)
+    assert [a.text[:12] for a in sharp] == ["212-340-1187", "509-670-4410"]
+    for answers, temperature in ((flat, 1.0), (sharp, 0.25), (default, AskSpec.router_temperature)):
+        for a, b in zip(answers, flat):
+            assert a.modules == b.modules and a.module_scores == b.module_scores
+            assert a.module_weights == pytest.approx(torch.tensor(b.module_scores).div(temperature).softmax(-1).tolist())
+    assert all(s.module_weights[0] > f.module_weights[0] for s, f in zip(sharp, flat))
+    for bad in (0.0, -1.0):
+        with pytest.raises(LoramemError, match="router_temperature must be above 0"):
+            memory.ask(questions[0], mode="multi", merge=method, router_temperature=bad)
+    with pytest.raises(LoramemError, match="router_temperature weighs output compositions"):
+        memory.ask(questions[0], mode="multi", merge="linear", router_temperature=0.5)
 
 
 def test_router_abstains_below_its_threshold(sharded):

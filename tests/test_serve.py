@@ -182,6 +182,7 @@ def test_unknown_memory_is_404(client):
     (QUESTION, {"colour": "blue"}, "colour"),
     (QUESTION, {"mode": "multi", "merge": "mix", "base_weight": 1.0}, "base_weight"),
     (QUESTION, {"mode": "multi", "merge": "linear", "base_weight": 0.5}, "output compositions"),
+    (QUESTION, {"mode": "multi", "router_temperature": 0}, "router_temperature"),
 ])
 def test_bad_requests_are_400(client, question, options, message):
     with pytest.raises(openai.BadRequestError, match=message):

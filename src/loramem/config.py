@@ -30,7 +30,7 @@ AUTO = "auto"
 def setting(default: Any, help: str, **options: Any) -> Any:
     """A documented settings field. `options` (read by settings_fields' users): `cli=False` keeps it off the
     command line and requests (a run-level or structured setting); `zero_is_none=True`: 0 given there means None;
-    `group="variants"`: boolean fields sharing a group are one comma-separated option; `ge`/`lt`: a request's bounds."""
+    `group="variants"`: boolean fields sharing a group are one comma-separated option; `ge`/`gt`/`lt`: a request's bounds."""
     return field(default=default, metadata={"help": help, **options})
 
 
@@ -322,6 +322,13 @@ class AskSpec:
     # answer (documents: modules that change answers a little, docs/RESULTS.md issue 22)
     base_weight: float = setting(0.0, "multi with an output composition: the base model answers as one more row with "
                                  "this share of the mixture weight (0: no base row)", ge=0.0, lt=1.0)
+    # cosine scores sit close together (NarrativeQA's median top 3: 0.56, 0.33, 0.29), so their plain softmax gives
+    # the top module about 0.39 even where it is right; over 0.1 a clear router decides and a close one still mixes.
+    # 0.1 against 1 (docs/RESULTS.md, issue 22): PhoneBook dense mix 37% -> 100% (select 100% both), NarrativeQA
+    # select 0.077 -> 0.081, PaperQA mix 0.205 -> 0.214
+    router_temperature: float = setting(0.1, "multi with an output composition: the mixture weights are the softmax "
+                                        "of the router scores divided by this (lower: the top module counts more)",
+                                        gt=0.0)
     threshold: float | None = setting(None, "abstain (no module: the base weights answer) below this router score")
     max_new_tokens: int = setting(24, "longest answer in tokens (memory answers are short)", ge=1)
     batch_size: int = setting(16, "questions generated together", ge=1)
@@ -336,6 +343,11 @@ class AskSpec:
             raise LoramemError(f"base_weight must be at least 0 and below 1, not {self.base_weight}")
         if self.base_weight and self.merge not in COMPOSITIONS:
             raise LoramemError(f"base_weight is for output compositions ({', '.join(COMPOSITIONS)}), "
+                               f"not the weight merge {self.merge!r}")
+        if not self.router_temperature > 0.0:
+            raise LoramemError(f"router_temperature must be above 0, not {self.router_temperature}")
+        if self.router_temperature != AskSpec.router_temperature and self.merge not in COMPOSITIONS:
+            raise LoramemError(f"router_temperature weighs output compositions ({', '.join(COMPOSITIONS)}), "
                                f"not the weight merge {self.merge!r}")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise LoramemError("max_new_tokens and batch_size must be at least 1")

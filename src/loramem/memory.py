@@ -488,8 +488,7 @@ class Memory:
             else:
                 prompts.append(self._prompt(question))
         if weights == "multi" and merge in COMPOSITIONS:
-            return self._answer_composed(questions, prompts, picks, chunks, mode, merge, spec.base_weight,
-                                         route_seconds, max_new_tokens, batch_size)
+            return self._answer_composed(questions, prompts, picks, chunks, mode, spec, route_seconds)
         answers: list[Answer | None] = [None] * len(questions)
         in_weights = picks if weights != "base" else [[] for _ in questions]
         for ids, members in _group_by_modules(in_weights).items():
@@ -509,20 +508,21 @@ class Memory:
                 )
         return answers
 
-    def _answer_composed(self, questions, prompts, picks, chunks, mode, method, base_weight, route_seconds,
-                         max_new_tokens, batch_size) -> list[Answer]:
-        """Each question's modules composed in output space (loramem.mix), all questions in one batched pass; a
-        question with fewer modules (an abstaining router) fills its rows with the base weights at weight 0, and
-        `base_weight` adds a base row to every question at that weight."""
+    def _answer_composed(self, questions, prompts, picks, chunks, mode, spec: AskSpec, route_seconds) -> list[Answer]:
+        """Each question's modules composed in output space (loramem.mix, by `spec.merge`), all questions in one batched
+        pass, weighted by the softmax of their router scores over `spec.router_temperature`; a question with fewer
+        modules (an abstaining router) fills its rows with the base weights at weight 0, and `spec.base_weight` adds a
+        base row to every question at that weight."""
         started = time.perf_counter()
         k = max(1, max(len(hits) for hits in picks))
         prepared = {i: self._low_rank(i) for i in {h.id for hits in picks for h in hits}}
         modules = [[prepared[h.id] for h in hits] + [None] * (k - len(hits)) for hits in picks]
-        scores = [[h.score for h in hits] + [-math.inf] * (k - len(hits)) if hits else [0.0] * k for hits in picks]
-        modules, scores = with_base_row(modules, scores, base_weight)
+        scores = [[h.score / spec.router_temperature for h in hits] + [-math.inf] * (k - len(hits)) if hits
+                  else [0.0] * k for hits in picks]
+        modules, scores = with_base_row(modules, scores, spec.base_weight)
         timing, counts = Timing(merge=time.perf_counter() - started), []
-        texts, supplied = generate_composed(self.base.model, self.base.tokenizer, prompts, modules, scores, method,
-                                            max_new_tokens, batch_size, timing=timing, counts=counts)
+        texts, supplied = generate_composed(self.base.model, self.base.tokenizer, prompts, modules, scores, spec.merge,
+                                            spec.max_new_tokens, spec.batch_size, timing=timing, counts=counts)
         per_question = timing.share(len(questions))
         per_question.route = route_seconds
         weights = mixture_weights(scores).tolist()

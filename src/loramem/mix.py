@@ -6,7 +6,7 @@ Why: modules of unrelated facts change the same weights in unrelated directions,
 linear, the plain sum) buries each one's facts (docs/RESULTS.md: four PhoneBook sector modules, top-3 merged: 0 of
 30). Mixing outputs keeps each module whole. COMPOSITIONS:
 - `mix`: the router-score-weighted mixture of the rows' probabilities, sum_j w_j p_j (as REPLUG mixes documents),
-  w the softmax of the question's router scores;
+  w the softmax of the question's router scores over a temperature (AskSpec.router_temperature);
 - `select`: every row decodes its own greedy answer and the question gets the answer with the highest mean
   log-probability of its own tokens up to its EOS plus the log of its module's router weight (the router's prior
   times the answer's per-token likelihood). A module asked about a fact it does not hold still answers

@@ -276,7 +276,7 @@ def settings_fields_of(classes, exclude: tuple[str, ...] = (), optional: bool = 
     plain, groups = option_fields(classes, exclude)
     out = {f.name: (f.type | None if optional else f.type,
                     Field(None if optional else f.default, description=f.help, ge=f.options.get("ge"),
-                          lt=f.options.get("lt")))
+                          gt=f.options.get("gt"), lt=f.options.get("lt")))
            for f in plain}
     return out | {group: (str, Field("", description=group_help(members))) for group, members in groups.items()}
 

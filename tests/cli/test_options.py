@@ -107,4 +107,5 @@ def test_the_server_requests_have_the_same_fields():
              for f in settings_fields(cls) if f.options.get("cli", True)}
     assert names <= set(DocumentsRequest.model_fields)
     assert DocumentsRequest.model_fields["lr"].default == TrainSpec.lr
-    assert set(AskOptions.model_fields) == {"mode", "router", "top_k", "merge", "base_weight", "threshold", "context", "module"}
+    assert set(AskOptions.model_fields) == {"mode", "router", "top_k", "merge", "base_weight", "router_temperature",
+                                            "threshold", "context", "module"}
