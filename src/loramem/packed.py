@@ -29,6 +29,7 @@ import torch
 
 from loramem.errors import LoramemError
 from loramem.merge import _WithLowRank
+from loramem.precision import cpu_flags
 
 # Packed copies kept per model: its own linear weights and those of a few merges (merge.MergeCache keeps 2 sets).
 WEIGHT_SETS_KEPT = 3
@@ -43,8 +44,10 @@ def available(device: torch.device) -> bool:
 
 # oneDNN runs a packed weight by the same kernel as autocast's bf16 matmul only for few rows: on a CPU with AMX, 64
 # rows and more (a batch's prefill, a long context) come out rounded differently (tests/test_packed.py checks every
-# row count up to this one and beyond it). Calls over more rows take a plain bf16 copy, as autocast does.
-PACKED_ROWS = 16
+# row count up to this one and beyond it). Calls over more rows take a plain bf16 copy, as autocast does. Without AMX
+# every row count up to 320 came out bit for bit the same (session 19, avx512_bf16), so there 64 rows are packed: a
+# composed batch of 16 questions runs 48 rows (docs/BENCHMARKS.md, "Composing modules").
+PACKED_ROWS = 16 if "amx_bf16" in cpu_flags() else 64
 
 
 @dataclass

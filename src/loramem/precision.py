@@ -70,7 +70,7 @@ def native_bf16(device: torch.device) -> bool:
 
 
 @functools.cache
-def _cpu_flags() -> frozenset[str]:
+def cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
             return frozenset(f.read().split())
@@ -80,7 +80,7 @@ def _cpu_flags() -> frozenset[str]:
 
 def cpu_bf16_flags() -> tuple[str, ...]:
     """The CPU's native bf16 matmul features (from /proc/cpuinfo; none where it cannot be read)."""
-    return tuple(f for f in BF16_FLAGS if f in _cpu_flags())
+    return tuple(f for f in BF16_FLAGS if f in cpu_flags())
 
 
 def preferred_device() -> torch.device:
@@ -97,7 +97,7 @@ def hardware(device: torch.device | None = None) -> dict:
     """What a result ran on, for every --json result: the device, its name, the CPU's vector features."""
     device = device or preferred_device()
     info = {"device": device.type, "cpu": platform.processor() or platform.machine(),
-            "cpu_features": [f for f in ("avx2", "avx512f", *BF16_FLAGS) if f in _cpu_flags()],
+            "cpu_features": [f for f in ("avx2", "avx512f", *BF16_FLAGS) if f in cpu_flags()],
             "threads": torch.get_num_threads()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
