@@ -30,7 +30,8 @@ AUTO = "auto"
 def setting(default: Any, help: str, **options: Any) -> Any:
     """A documented settings field. `options` (read by settings_fields' users): `cli=False` keeps it off the
     command line and requests (a run-level or structured setting); `zero_is_none=True`: 0 given there means None;
-    `group="variants"`: boolean fields sharing a group are one comma-separated option; `ge`/`gt`/`lt`: a request's bounds."""
+    `group="variants"`: boolean fields sharing a group are one comma-separated option; `ge`/`gt`/`lt`: a request's
+    bounds."""
     return field(default=default, metadata={"help": help, **options})
 
 
